@@ -1,0 +1,1 @@
+"""The log server: HTTP API, storage, sequencing and proofs."""

@@ -1,0 +1,107 @@
+"""Server configuration: a TOML file, overridden by command-line flags.
+
+Every setting has a default that makes `logserver serve` work on a fresh
+machine: SQLite and software keys under ./data.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+
+from signer.keys import ARTIFACT_ALGORITHMS, ECDSA_P256_SHA256
+
+Origin = Annotated[str, StringConstraints(pattern=r"^[!-*,-~]{1,255}$")]
+KeyName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message says what to fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class KeyConfig(_Section):
+    """Where one key lives. Software keys are files under DATA/secrets/."""
+
+    backend: Literal["software", "pkcs11"] = "software"
+    algorithm: str = ECDSA_P256_SHA256
+    module: Path | None = Field(default=None, description="PKCS#11 module path")
+    token: str | None = Field(default=None, description="PKCS#11 token label")
+    label: str | None = Field(default=None, description="PKCS#11 key label")
+    pin_env: str | None = Field(default=None, description="env var with the PIN")
+    pin_file: Path | None = Field(default=None, description="file with the PIN")
+    sessions: int = Field(default=2, ge=1, le=64, description="HSM signing sessions")
+
+
+class SequencerConfig(_Section):
+    max_batch: int = Field(default=1000, ge=1, le=100_000)
+    linger_ms: float = Field(default=2.0, ge=0, le=1000)
+    max_pending: int = Field(default=20_000, ge=1, le=10_000_000)
+
+
+class Config(_Section):
+    data: Path = Path("data")
+    listen: str = "127.0.0.1:8080"
+    database: str | None = Field(
+        default=None, description="sqlite:///PATH or postgresql://...; DATA/log.db"
+    )
+    origin: Origin | None = Field(
+        default=None, description="checkpoint origin; fixed at first start"
+    )
+    public_url: str | None = None
+    max_body_bytes: int = Field(default=1 << 20, ge=1024, le=64 << 20)
+    log_format: Literal["text", "json"] = "text"
+    sequencer: SequencerConfig = SequencerConfig()
+    checkpoint_key: KeyConfig = KeyConfig(algorithm="ed25519")
+    artifact_keys: dict[KeyName, KeyConfig] = Field(
+        default_factory=lambda: {"default": KeyConfig()}
+    )
+    default_artifact_key: KeyName = "default"
+
+    def database_url(self) -> str:
+        return self.database or f"sqlite:///{self.data / 'log.db'}"
+
+    def listen_address(self) -> tuple[str, int]:
+        host, sep, port = self.listen.rpartition(":")
+        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"listen address {self.listen!r} is not HOST:PORT")
+        return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def load_config(path: Path | None, **overrides: object) -> Config:
+    """Read `path` (if given), apply the non-None overrides, and validate."""
+    values: dict[str, object] = {}
+    if path is not None:
+        try:
+            values = tomllib.loads(path.read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        config = Config.model_validate(values)
+    except ValidationError as exc:
+        where = f" in {path}" if path else ""
+        raise ConfigError(f"invalid configuration{where}:\n{exc}") from exc
+    if config.default_artifact_key not in config.artifact_keys:
+        raise ConfigError(
+            f"default_artifact_key {config.default_artifact_key!r} is not one of "
+            f"the artifact_keys ({', '.join(sorted(config.artifact_keys))})"
+        )
+    for name, key in config.artifact_keys.items():
+        if key.algorithm not in ARTIFACT_ALGORITHMS:
+            raise ConfigError(
+                f"artifact key {name!r}: algorithm {key.algorithm!r} is not one of "
+                f"{', '.join(ARTIFACT_ALGORITHMS)}"
+            )
+    if config.checkpoint_key.algorithm != "ed25519":
+        raise ConfigError("the checkpoint key must use algorithm 'ed25519'")
+    config.listen_address()
+    return config

@@ -1,0 +1,74 @@
+"""Leaves and deduplication keys built from an accepted submission.
+
+The leaf is canonical JSON (keys sorted, no whitespace, no floats) and must
+parse with `verifier.leaf.parse_leaf`; tests hold the two in step.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from logserver.auth import Identity
+from logserver.models import SubmitRequest
+from signer.keys import ArtifactSigner
+
+LEAF_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyDecision:
+    rule: str
+    policy_sha256: str
+    mode: str = "automated"
+
+
+def _claims(request: SubmitRequest) -> dict[str, Any]:
+    claims: dict[str, Any] = {"artifact": request.artifact.model_dump(exclude_none=True)}
+    if request.source is not None:
+        claims["source"] = request.source.model_dump(exclude_none=True)
+    if request.build is not None:
+        claims["build"] = request.build.model_dump(exclude_none=True)
+    return claims
+
+
+def dedup_key(request: SubmitRequest, identity: Identity, signer: ArtifactSigner) -> bytes:
+    """Equal for a retried request: same claims, same caller, same key."""
+    material = _claims(request)
+    material["identity"] = [identity.issuer, identity.subject]
+    material["key"] = signer.key_id
+    return hashlib.sha256(orjson.dumps(material, option=orjson.OPT_SORT_KEYS)).digest()
+
+
+def build_leaf(
+    request: SubmitRequest,
+    identity: Identity,
+    decision: PolicyDecision,
+    signer: ArtifactSigner,
+    signature: bytes,
+) -> bytes:
+    leaf = _claims(request)
+    leaf["identity"] = {
+        "claims": identity.claims,
+        "issuer": identity.issuer,
+        "subject": identity.subject,
+    }
+    leaf["policy"] = {
+        "approvals": [],
+        "mode": decision.mode,
+        "policy_sha256": decision.policy_sha256,
+        "rule": decision.rule,
+    }
+    leaf["signature"] = {
+        "algorithm": signer.algorithm,
+        "key_id": signer.key_id,
+        "value": base64.b64encode(signature).decode(),
+    }
+    leaf["timestamp"] = int(time.time())
+    leaf["version"] = LEAF_VERSION
+    return orjson.dumps(leaf, option=orjson.OPT_SORT_KEYS)

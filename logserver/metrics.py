@@ -1,0 +1,55 @@
+"""Prometheus metrics, one registry per application."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.entries = Counter(
+            "logserver_entries",
+            "Entries appended to the log.",
+            registry=self.registry,
+        )
+        self.duplicates = Counter(
+            "logserver_duplicate_submissions",
+            "Submissions answered with an entry already in the log.",
+            registry=self.registry,
+        )
+        self.tree_size = Gauge(
+            "logserver_tree_size",
+            "Size of the latest signed checkpoint.",
+            registry=self.registry,
+        )
+        self.pending = Gauge(
+            "logserver_pending_submissions",
+            "Submissions waiting to be sequenced.",
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "logserver_batch_size",
+            "Entries integrated per batch.",
+            buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000),
+            registry=self.registry,
+        )
+        self.integration_seconds = Histogram(
+            "logserver_integration_seconds",
+            "Time to store a batch and sign its checkpoint.",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=self.registry,
+        )
+        self.sequencing_failures = Counter(
+            "logserver_sequencing_failures",
+            "Batches that failed to sign or store, by reason.",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.requests = Histogram(
+            "logserver_request_seconds",
+            "HTTP request latency by route and status.",
+            ["route", "method", "status"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=self.registry,
+        )

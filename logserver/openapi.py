@@ -1,0 +1,332 @@
+"""The OpenAPI document served at /openapi.json.
+
+Request bodies come from the pydantic models, so the schema cannot drift from
+validation; a test checks that every route is documented and nothing else.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from logserver import __name__ as _package
+from logserver.models import BatchSubmitRequest, SubmitRequest
+
+_ERROR = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["code", "message"],
+            "properties": {
+                "code": {"type": "string"},
+                "message": {"type": "string"},
+                "details": {},
+            },
+        }
+    },
+}
+
+_PROOF = {
+    "type": "object",
+    "required": ["index", "tree_size", "hashes"],
+    "properties": {
+        "index": {"type": "integer"},
+        "tree_size": {"type": "integer"},
+        "hashes": {"type": "array", "items": {"type": "string", "format": "byte"}},
+    },
+}
+
+_ENTRY = {
+    "type": "object",
+    "required": ["index", "leaf", "leaf_hash", "inclusion_proof", "checkpoint"],
+    "properties": {
+        "index": {"type": "integer"},
+        "leaf": {"type": "string", "format": "byte"},
+        "leaf_hash": {"type": "string", "format": "byte"},
+        "inclusion_proof": {"$ref": "#/components/schemas/InclusionProof"},
+        "checkpoint": {"type": "string"},
+    },
+}
+
+_LEAF = {
+    "type": "object",
+    "required": ["index", "leaf", "leaf_hash", "entry"],
+    "properties": {
+        "index": {"type": "integer"},
+        "leaf": {"type": "string", "format": "byte"},
+        "leaf_hash": {"type": "string", "format": "byte"},
+        "entry": {"type": "object", "description": "The leaf, parsed."},
+        "inclusion_proof": {"$ref": "#/components/schemas/InclusionProof"},
+        "checkpoint": {"type": "string"},
+    },
+}
+
+
+def _json(schema: Any, description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _error(description: str) -> dict[str, Any]:
+    return _json({"$ref": "#/components/schemas/Error"}, description)
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _binary(description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    }
+
+
+def _int_query(name: str, description: str, required: bool = False) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "query",
+        "required": required,
+        "description": description,
+        "schema": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
+    }
+
+
+_WRITE_ERRORS = {
+    "400": _error("The body is not JSON."),
+    "401": _error("No valid bearer token."),
+    "413": _error("The body is too large."),
+    "415": _error("The body is not application/json."),
+    "422": _error("The body does not match the schema, or names an unknown key."),
+    "503": _error("Overloaded or a dependency is down; retry after Retry-After."),
+}
+
+
+def document() -> dict[str, Any]:
+    submit_schema = SubmitRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    batch_schema = BatchSubmitRequest.model_json_schema(
+        ref_template="#/components/schemas/{model}"
+    )
+    schemas: dict[str, Any] = {}
+    for schema in (submit_schema, batch_schema):
+        schemas.update(schema.pop("$defs", {}))
+    schemas.update(
+        SubmitRequest=submit_schema,
+        BatchSubmitRequest=batch_schema,
+        Error=_ERROR,
+        InclusionProof=_PROOF,
+        Entry=_ENTRY,
+        Leaf=_LEAF,
+    )
+    paths: dict[str, Any] = {
+        "/api/v1/entries": {
+            "post": {
+                "summary": "Sign a digest and log it",
+                "security": [{"bearer": []}],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("SubmitRequest")}},
+                },
+                "responses": {
+                    "201": _json(_ref("Entry"), "Logged: a new entry."),
+                    "200": _json(_ref("Entry"), "Already logged: the existing entry."),
+                    **_WRITE_ERRORS,
+                },
+            }
+        },
+        "/api/v1/entries/batch": {
+            "post": {
+                "summary": "Sign and log many digests in one request",
+                "security": [{"bearer": []}],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {"schema": _ref("BatchSubmitRequest")}
+                    },
+                },
+                "responses": {
+                    "201": _json(
+                        {
+                            "type": "object",
+                            "required": ["entries"],
+                            "properties": {
+                                "entries": {"type": "array", "items": _ref("Entry")}
+                            },
+                        },
+                        "Logged; entries in request order.",
+                    ),
+                    "200": _json(
+                        {"type": "object", "properties": {"entries": {"type": "array"}}},
+                        "Every entry was already logged.",
+                    ),
+                    **_WRITE_ERRORS,
+                },
+            }
+        },
+        "/api/v1/entries/{index}": {
+            "get": {
+                "summary": "One entry, with its inclusion proof in the latest checkpoint",
+                "parameters": [
+                    {
+                        "name": "index",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
+                    }
+                ],
+                "responses": {
+                    "200": _json(_ref("Leaf"), "The entry."),
+                    "400": _error("The index is not a decimal number."),
+                    "404": _error("No such entry in the published tree."),
+                },
+            }
+        },
+        "/api/v1/proof/inclusion": {
+            "get": {
+                "summary": "Inclusion proof by index or by leaf hash",
+                "parameters": [
+                    _int_query("index", "Leaf index; or give leaf_hash."),
+                    {
+                        "name": "leaf_hash",
+                        "in": "query",
+                        "required": False,
+                        "description": "Base64 RFC 6962 leaf hash.",
+                        "schema": {"type": "string"},
+                    },
+                    _int_query("tree_size", "Tree size; the latest if absent."),
+                ],
+                "responses": {
+                    "200": _json(_ref("InclusionProof"), "The proof."),
+                    "400": _error("Bad parameters."),
+                    "404": _error("No such leaf in that tree."),
+                },
+            }
+        },
+        "/api/v1/proof/consistency": {
+            "get": {
+                "summary": "Consistency proof between two tree sizes",
+                "parameters": [
+                    _int_query("old_size", "The smaller tree size.", required=True),
+                    _int_query("new_size", "The larger size; the latest if absent."),
+                ],
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["old_size", "new_size", "hashes"],
+                            "properties": {
+                                "old_size": {"type": "integer"},
+                                "new_size": {"type": "integer"},
+                                "hashes": {"type": "array", "items": {"type": "string"}},
+                            },
+                        },
+                        "The proof.",
+                    ),
+                    "400": _error("Bad parameters."),
+                },
+            }
+        },
+        "/api/v1/artifacts/{sha256}": {
+            "get": {
+                "summary": "Entries logged for an artifact digest (at most 100)",
+                "parameters": [
+                    {
+                        "name": "sha256",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+                    }
+                ],
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["entries"],
+                            "properties": {"entries": {"type": "array", "items": _ref("Leaf")}},
+                        },
+                        "Matching entries, oldest first.",
+                    ),
+                    "400": _error("Not a hex SHA-256 digest."),
+                },
+            }
+        },
+        "/api/v1/keys": {
+            "get": {
+                "summary": "The log's public keys",
+                "responses": {"200": _json({"type": "object"}, "Keys.")},
+            }
+        },
+        "/checkpoint": {
+            "get": {
+                "summary": "The latest signed checkpoint (c2sp.org/tlog-checkpoint)",
+                "responses": {
+                    "200": {
+                        "description": "A signed note.",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    },
+                    "404": _error("The log has no checkpoint yet."),
+                },
+            }
+        },
+        "/tile/{tail}": {
+            "get": {
+                "summary": "Hash tiles and entry bundles (c2sp.org/tlog-tiles)",
+                "description": "tile/<L>/<N>[.p/<W>] or tile/entries/<N>[.p/<W>].",
+                "parameters": [
+                    {"name": "tail", "in": "path", "required": True, "schema": {"type": "string"}}
+                ],
+                "responses": {
+                    "200": _binary("The tile."),
+                    "404": _error("Not a tile path, or beyond the published tree."),
+                },
+            }
+        },
+        "/healthz": {
+            "get": {
+                "summary": "Liveness and tree size",
+                "responses": {"200": _json({"type": "object"}, "Healthy.")},
+            }
+        },
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus metrics",
+                "responses": {
+                    "200": {
+                        "description": "Text exposition format.",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    }
+                },
+            }
+        },
+        "/openapi.json": {
+            "get": {
+                "summary": "This document",
+                "responses": {"200": _json({"type": "object"}, "OpenAPI 3.1.")},
+            }
+        },
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "logsign transparency-log signing service",
+            "version": "1",
+            "description": f"The HTTP API of {_package}; see SPEC.md.",
+        },
+        "paths": paths,
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }
+
+
+async def openapi(request: web.Request) -> web.Response:
+    from logserver.app import json_response
+
+    return json_response(document())
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/openapi.json", openapi)

@@ -1,0 +1,361 @@
+"""Sequencing and integration: from queued submissions to a signed checkpoint.
+
+Submissions wait in a bounded queue. Two stages drain it in batches:
+
+1. signing takes every queued submission, drops those already in the log,
+   signs the rest's digests and builds their leaves;
+2. integration appends the leaves to the tree, stores entries, tiles and the
+   new tree state in one transaction, and only then signs a checkpoint over
+   the durable state, stores it, and answers every submission of the batch.
+
+The stages run concurrently, so one batch is signed while the one before it
+is written. A checkpoint is only ever signed for a tree that storage has
+committed, and the tree only grows, so no two checkpoints can disagree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+from logserver.errors import Unavailable
+from logserver.metrics import Metrics
+from logserver.storage import (
+    EntryRow,
+    Storage,
+    StorageError,
+    StorageUnavailable,
+    TreeConflict,
+)
+from logserver.tree import MerkleTree
+from signer.keys import CheckpointSigner, SignerError, SignerUnavailable
+from verifier.checkpoint import Checkpoint
+from verifier.merkle import leaf_hash
+from verifier.note import NoteSignature, ed25519_key_id, format_note
+
+logger = logging.getLogger(__name__)
+
+# Builds a leaf from a submission and the signature over its digest.
+LeafBuilder = Callable[["Submission", bytes], bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class PublishedCheckpoint:
+    size: int
+    root: bytes
+    note: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Integrated:
+    """Where a submission landed; `leaf` is None for an entry found in the log."""
+
+    index: int
+    leaf: bytes | None
+    checkpoint: PublishedCheckpoint
+    created: bool
+
+
+@dataclass(slots=True)
+class Submission:
+    """A request that passed validation, authentication and policy."""
+
+    dedup_key: bytes
+    digest: bytes
+    sign: Callable[[Sequence[bytes]], Awaitable[list[bytes]]]
+    signer_name: str
+    build_leaf: LeafBuilder
+    future: asyncio.Future[Integrated] = field(init=False)
+
+
+@dataclass(slots=True)
+class _Batch:
+    new: list[tuple[Submission, EntryRow]]
+    existing: list[tuple[Submission, int]]
+
+
+class Sequencer:
+    """Owns the tree: the only writer of entries, tiles and checkpoints."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        checkpoint_signer: CheckpointSigner,
+        *,
+        metrics: Metrics,
+        max_batch: int = 1000,
+        linger: float = 0.002,
+        max_pending: int = 20000,
+    ) -> None:
+        self.storage = storage
+        self.checkpoint_signer = checkpoint_signer
+        self.origin = checkpoint_signer.name
+        self.metrics = metrics
+        self.max_batch = max_batch
+        self.linger = linger
+        self.tree = MerkleTree()
+        self.published: PublishedCheckpoint | None = None
+
+        self._key_id = ed25519_key_id(self.origin, checkpoint_signer.public_key)
+        self._queue: asyncio.Queue[Submission] = asyncio.Queue(max_pending)
+        self._signed: asyncio.Queue[_Batch] = asyncio.Queue(2)
+        self._inflight: dict[bytes, asyncio.Future[Integrated]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._accepting = False
+        self._resync_needed = False
+        self._busy = 0
+
+    async def start(self) -> None:
+        """Load the tree from storage, publish a checkpoint for it, start work."""
+        await self._load()
+        self._accepting = True
+        self._tasks = [
+            asyncio.create_task(self._signing_loop(), name="sequencer-signing"),
+            asyncio.create_task(self._integration_loop(), name="sequencer-integration"),
+        ]
+
+    async def stop(self, drain_timeout: float = 10.0) -> None:
+        """Refuse new work, finish what was accepted, then stop."""
+        self._accepting = False
+        deadline = time.monotonic() + drain_timeout
+        while (
+            self._queue.qsize() or self._signed.qsize() or self._busy
+        ) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        while not self._queue.empty():
+            self._fail([self._queue.get_nowait()], Unavailable("the log is stopping"))
+
+    @property
+    def pending(self) -> int:
+        return self._queue.qsize()
+
+    async def submit(self, submission: Submission) -> Integrated:
+        """Queue a submission and wait until it is covered by a checkpoint."""
+        inflight = self._inflight.get(submission.dedup_key)
+        if inflight is not None:
+            result = await asyncio.shield(inflight)
+            return Integrated(result.index, result.leaf, result.checkpoint, False)
+        if not self._accepting:
+            raise Unavailable("the log is not accepting submissions", retry_after=5)
+        submission.future = asyncio.get_running_loop().create_future()
+        try:
+            self._queue.put_nowait(submission)
+        except asyncio.QueueFull:
+            raise Unavailable(
+                "too many submissions are waiting; retry shortly", retry_after=1
+            ) from None
+        key = submission.dedup_key
+        self._inflight[key] = submission.future
+        submission.future.add_done_callback(lambda _: self._inflight.pop(key, None))
+        self.metrics.pending.set(self._queue.qsize())
+        # Shielded: a client that goes away must not cancel the batch's work.
+        return await asyncio.shield(submission.future)
+
+    # Loading and resynchronising with storage.
+
+    async def _load(self) -> None:
+        state = await self.storage.load_state()
+        tree = MerkleTree.from_leaf_hashes(state.leaf_hashes)
+        if tree.root() != state.root:
+            raise StorageError(
+                f"the stored tiles give root {tree.root().hex()} but the stored "
+                f"tree state says {state.root.hex()}: the database is damaged"
+            )
+        self.tree = tree
+        if state.checkpoint is not None:
+            self.published = self._check_stored_checkpoint(state.checkpoint)
+        if self.published is None or self.published.size != tree.size:
+            # Entries made durable before a crash, never covered by a
+            # checkpoint: publish them now.
+            await self._publish()
+        logger.info(
+            "loaded tree",
+            extra={"tree_size": tree.size, "root": tree.root().hex()},
+        )
+
+    def _check_stored_checkpoint(self, note: bytes) -> PublishedCheckpoint:
+        # Imported here: only startup needs the parser.
+        from verifier.checkpoint import parse_checkpoint_body
+        from verifier.note import parse_note
+
+        body = parse_checkpoint_body(parse_note(note).text)
+        if body.origin != self.origin:
+            raise StorageError(
+                f"the stored checkpoint is for origin {body.origin!r} but the "
+                f"checkpoint key is named {self.origin!r}: wrong key or database"
+            )
+        if body.size > self.tree.size or self.tree.root(body.size) != body.root_hash:
+            raise StorageError(
+                f"the stored checkpoint at size {body.size} does not match the "
+                "stored tree: the database is damaged"
+            )
+        return PublishedCheckpoint(body.size, body.root_hash, note)
+
+    async def _resync(self) -> None:
+        """Reload the tree after a write whose outcome is unknown."""
+        state = await self.storage.load_state()
+        if state.size != self.tree.size or state.root != self.tree.root():
+            logger.warning(
+                "tree changed under the sequencer; reloading",
+                extra={"memory_size": self.tree.size, "stored_size": state.size},
+            )
+            await self._load()
+        elif self.published is None or self.published.size != self.tree.size:
+            await self._publish()
+        self._resync_needed = False
+
+    async def _publish(self) -> None:
+        size, root = self.tree.size, self.tree.root()
+        body = Checkpoint(self.origin, size, root).to_text()
+        signature = await self.checkpoint_signer.sign(body.encode())
+        note = format_note(
+            body, [NoteSignature(self.origin, self._key_id, signature)]
+        )
+        await self.storage.store_checkpoint(size, note)
+        self.published = PublishedCheckpoint(size, root, note)
+        self.metrics.tree_size.set(size)
+
+    # The two stages.
+
+    async def _take(self) -> list[Submission]:
+        batch = [await self._queue.get()]
+        self._drain_into(batch)
+        if len(batch) < self.max_batch and self.linger > 0:
+            await asyncio.sleep(self.linger)
+            self._drain_into(batch)
+        self.metrics.pending.set(self._queue.qsize())
+        return batch
+
+    def _drain_into(self, batch: list[Submission]) -> None:
+        while len(batch) < self.max_batch:
+            try:
+                batch.append(self._queue.get_nowait())
+            except asyncio.QueueEmpty:
+                return
+
+    async def _signing_loop(self) -> None:
+        while True:
+            batch = await self._take()
+            self._busy += 1
+            try:
+                await self._signed.put(await self._sign(batch))
+            except Exception as exc:
+                self._fail(batch, exc)
+            finally:
+                self._busy -= 1
+
+    async def _sign(self, batch: list[Submission]) -> _Batch:
+        found = await self.storage.find_dedup([s.dedup_key for s in batch])
+        existing = [(s, found[s.dedup_key]) for s in batch if s.dedup_key in found]
+        fresh = [s for s in batch if s.dedup_key not in found]
+
+        # One call per key, so a backend can spread a batch over its sessions.
+        by_key: dict[str, list[Submission]] = {}
+        for s in fresh:
+            by_key.setdefault(s.signer_name, []).append(s)
+        signatures: dict[int, bytes] = {}
+        for group in by_key.values():
+            signed = await group[0].sign([s.digest for s in group])
+            signatures.update(zip(map(id, group), signed, strict=True))
+
+        new = []
+        for s in fresh:
+            leaf = s.build_leaf(s, signatures[id(s)])
+            new.append((s, EntryRow(leaf, leaf_hash(leaf), s.dedup_key, s.digest)))
+        return _Batch(new, existing)
+
+    async def _integration_loop(self) -> None:
+        while True:
+            batch = await self._signed.get()
+            # Merge whatever else is ready: one transaction, one checkpoint.
+            while not self._signed.empty():
+                more = self._signed.get_nowait()
+                batch.new += more.new
+                batch.existing += more.existing
+            self._busy += 1
+            try:
+                await self._integrate(batch)
+            except Exception as exc:
+                self._fail([s for s, _ in batch.new + batch.existing], exc)
+            finally:
+                self._busy -= 1
+
+    async def _integrate(self, batch: _Batch) -> None:
+        began = time.perf_counter()
+        if self._resync_needed:
+            await self._resync()
+        start = self.tree.size
+        if batch.new:
+            self.tree.append(row.leaf_hash for _, row in batch.new)
+            try:
+                await self.storage.append(
+                    start,
+                    [row for _, row in batch.new],
+                    list(self.tree.tiles_touched(start)),
+                    self.tree.root(),
+                )
+            except BaseException:
+                self.tree.truncate(start)
+                self._resync_needed = True
+                raise
+        if self.published is None or self.published.size != self.tree.size:
+            try:
+                await self._publish()
+            except BaseException:
+                self._resync_needed = True
+                raise
+        checkpoint = self.published
+        assert checkpoint is not None
+
+        for offset, (s, row) in enumerate(batch.new):
+            s.future.set_result(Integrated(start + offset, row.leaf, checkpoint, True))
+        for s, index in batch.existing:
+            s.future.set_result(Integrated(index, None, checkpoint, False))
+
+        elapsed = time.perf_counter() - began
+        self.metrics.entries.inc(len(batch.new))
+        self.metrics.duplicates.inc(len(batch.existing))
+        self.metrics.batch_size.observe(len(batch.new))
+        self.metrics.integration_seconds.observe(elapsed)
+        if batch.new:
+            logger.debug(
+                "integrated batch",
+                extra={
+                    "first_index": start,
+                    "entries": len(batch.new),
+                    "tree_size": checkpoint.size,
+                    "seconds": round(elapsed, 6),
+                },
+            )
+
+    def _fail(self, batch: Sequence[Submission], exc: BaseException) -> None:
+        error = _as_api_error(exc)
+        self.metrics.sequencing_failures.labels(type(exc).__name__).inc()
+        logger.warning(
+            "batch failed", extra={"entries": len(batch), "error": repr(exc)}
+        )
+        for s in batch:
+            if not s.future.done():
+                s.future.set_exception(error)
+
+
+def _as_api_error(exc: BaseException) -> BaseException:
+    if isinstance(exc, SignerUnavailable):
+        return Unavailable("the signing key is unavailable; retry shortly", retry_after=2)
+    if isinstance(exc, StorageUnavailable | TreeConflict):
+        return Unavailable("the database is unavailable; retry shortly", retry_after=2)
+    if isinstance(exc, Unavailable):
+        return exc
+    if isinstance(exc, SignerError | StorageError):
+        return Unavailable("the log cannot sign or store right now", retry_after=10)
+    return exc

@@ -1,0 +1,277 @@
+"""The embedded default: one SQLite file in WAL mode.
+
+All writes go through one thread that owns the writing connection, so every
+batch is one transaction with one fsync (synchronous=FULL: an acknowledged
+batch survives power loss). Reads use their own connections on a small pool of
+threads. Nothing here runs sqlite3 on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TypeVar
+
+from logserver.storage.base import (
+    EntryRow,
+    StorageError,
+    StorageUnavailable,
+    StoredState,
+    TreeConflict,
+)
+from verifier.merkle import EMPTY_ROOT, HASH_SIZE
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+SCHEMA_VERSION = "1"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS entries (
+    idx INTEGER PRIMARY KEY,
+    leaf BLOB NOT NULL,
+    leaf_hash BLOB NOT NULL,
+    dedup_key BLOB NOT NULL UNIQUE,
+    artifact_sha256 BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS entries_leaf_hash ON entries (leaf_hash);
+CREATE INDEX IF NOT EXISTS entries_artifact ON entries (artifact_sha256, idx);
+CREATE TABLE IF NOT EXISTS tiles (
+    level INTEGER NOT NULL,
+    idx INTEGER NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (level, idx)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS tree (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    size INTEGER NOT NULL,
+    root BLOB NOT NULL,
+    checkpoint_size INTEGER NOT NULL,
+    checkpoint BLOB
+);
+"""
+
+_READ_THREADS = 2
+
+
+class SqliteStorage:
+    """Storage in one SQLite database file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="sqlite-write")
+        self._readers = ThreadPoolExecutor(
+            _READ_THREADS, thread_name_prefix="sqlite-read"
+        )
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+
+    def _connect(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(
+                self.path, isolation_level=None, timeout=30, check_same_thread=False
+            )
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            self._local.conn = conn
+            with self._lock:
+                self._connections.append(conn)
+        return conn
+
+    async def _run(self, pool: ThreadPoolExecutor, fn: Callable[[], T]) -> T:
+        def call() -> T:
+            try:
+                return fn()
+            except sqlite3.IntegrityError as exc:
+                raise StorageError(f"SQLite refused the write: {exc}") from exc
+            except sqlite3.OperationalError as exc:
+                # Locked, disk full, I/O error: conditions that can clear.
+                raise StorageUnavailable(f"SQLite is unavailable: {exc}") from exc
+
+        return await asyncio.get_running_loop().run_in_executor(pool, call)
+
+    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        return await self._run(self._writer, lambda: fn(self._connect()))
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        return await self._run(self._readers, lambda: fn(self._connect()))
+
+    async def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+        def create(conn: sqlite3.Connection) -> None:
+            conn.executescript(_SCHEMA)
+            conn.execute(
+                "INSERT OR IGNORE INTO tree VALUES (1, 0, ?, 0, NULL)", (EMPTY_ROOT,)
+            )
+            conn.execute(
+                "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
+                (SCHEMA_VERSION,),
+            )
+            (version,) = conn.execute(
+                "SELECT value FROM meta WHERE key = 'schema_version'"
+            ).fetchone()
+            if version != SCHEMA_VERSION:
+                raise StorageError(
+                    f"{self.path} has schema version {version}; this server "
+                    f"knows version {SCHEMA_VERSION}: upgrade the server"
+                )
+
+        await self._write(create)
+        logger.info("opened SQLite storage", extra={"path": str(self.path)})
+
+    async def close(self) -> None:
+        self._writer.shutdown(wait=True)
+        self._readers.shutdown(wait=True)
+        with self._lock:
+            for conn in self._connections:
+                conn.close()
+            self._connections.clear()
+
+    async def get_meta(self, key: str) -> str | None:
+        def get(conn: sqlite3.Connection) -> str | None:
+            row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,))
+            found = row.fetchone()
+            return None if found is None else str(found[0])
+
+        return await self._read(get)
+
+    async def set_meta_once(self, key: str, value: str) -> str:
+        def put(conn: sqlite3.Connection) -> str:
+            conn.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", (key, value))
+            row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,))
+            return str(row.fetchone()[0])
+
+        return await self._write(put)
+
+    async def load_state(self) -> StoredState:
+        def load(conn: sqlite3.Connection) -> StoredState:
+            conn.execute("BEGIN")
+            try:
+                size, root, checkpoint = conn.execute(
+                    "SELECT size, root, checkpoint FROM tree WHERE id = 1"
+                ).fetchone()
+                rows = conn.execute(
+                    "SELECT data FROM tiles WHERE level = 0 ORDER BY idx"
+                )
+                hashes = b"".join(data for (data,) in rows)
+            finally:
+                conn.execute("COMMIT")
+            if len(hashes) != size * HASH_SIZE:
+                raise StorageError(
+                    f"{self.path}: level-0 tiles hold {len(hashes) // HASH_SIZE} "
+                    f"hashes but the tree has {size} leaves: the database is damaged"
+                )
+            return StoredState(size, bytes(root), hashes, checkpoint)
+
+        return await self._write(load)
+
+    async def find_dedup(self, keys: Sequence[bytes]) -> dict[bytes, int]:
+        if not keys:
+            return {}
+
+        def find(conn: sqlite3.Connection) -> dict[bytes, int]:
+            found: dict[bytes, int] = {}
+            # SQLite limits bound parameters; 500 stays well under it.
+            for at in range(0, len(keys), 500):
+                chunk = keys[at : at + 500]
+                marks = ",".join("?" * len(chunk))
+                rows = conn.execute(
+                    f"SELECT dedup_key, idx FROM entries WHERE dedup_key IN ({marks})",  # noqa: S608 (only placeholders)
+                    chunk,
+                )
+                found.update((bytes(key), idx) for key, idx in rows)
+            return found
+
+        return await self._read(find)
+
+    async def append(
+        self,
+        start: int,
+        entries: Sequence[EntryRow],
+        tiles: Sequence[tuple[int, int, bytes]],
+        root: bytes,
+    ) -> None:
+        def write(conn: sqlite3.Connection) -> None:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                (size,) = conn.execute("SELECT size FROM tree WHERE id = 1").fetchone()
+                if size != start:
+                    raise TreeConflict(f"tree is {size} long, expected {start}")
+                conn.executemany(
+                    "INSERT INTO entries VALUES (?, ?, ?, ?, ?)",
+                    [
+                        (
+                            start + i,
+                            e.leaf,
+                            e.leaf_hash,
+                            e.dedup_key,
+                            e.artifact_sha256,
+                        )
+                        for i, e in enumerate(entries)
+                    ],
+                )
+                conn.executemany("INSERT OR REPLACE INTO tiles VALUES (?, ?, ?)", tiles)
+                conn.execute(
+                    "UPDATE tree SET size = ?, root = ? WHERE id = 1",
+                    (start + len(entries), root),
+                )
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+        await self._write(write)
+
+    async def store_checkpoint(self, size: int, checkpoint: bytes) -> None:
+        def write(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE tree SET checkpoint_size = ?, checkpoint = ? "
+                "WHERE id = 1 AND checkpoint_size <= ?",
+                (size, checkpoint, size),
+            )
+
+        await self._write(write)
+
+    async def get_leaves(self, start: int, end: int) -> list[bytes]:
+        def get(conn: sqlite3.Connection) -> list[bytes]:
+            rows = conn.execute(
+                "SELECT leaf FROM entries WHERE idx >= ? AND idx < ? ORDER BY idx",
+                (start, end),
+            )
+            return [bytes(leaf) for (leaf,) in rows]
+
+        return await self._read(get)
+
+    async def find_leaf_hash(self, leaf_hash: bytes) -> int | None:
+        def find(conn: sqlite3.Connection) -> int | None:
+            row = conn.execute(
+                "SELECT min(idx) FROM entries WHERE leaf_hash = ?", (leaf_hash,)
+            ).fetchone()
+            return None if row is None or row[0] is None else int(row[0])
+
+        return await self._read(find)
+
+    async def find_artifact(self, sha256: bytes, limit: int) -> list[int]:
+        def find(conn: sqlite3.Connection) -> list[int]:
+            rows = conn.execute(
+                "SELECT idx FROM entries WHERE artifact_sha256 = ? "
+                "ORDER BY idx LIMIT ?",
+                (sha256, limit),
+            )
+            return [int(idx) for (idx,) in rows]
+
+        return await self._read(find)

@@ -1,0 +1,1 @@
+"""Everything that produces a signature: key backends and the clients."""

@@ -1,0 +1,174 @@
+"""Software keys kept in files: for development and trials, not production.
+
+Private keys live in PKCS#8 PEM files created with mode 0600. Signing runs on
+a thread so that the event loop never waits on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+
+from signer.keys import (
+    ECDSA_P256_SHA256,
+    ECDSA_P384_SHA256,
+    RSA_PKCS1V15_SHA256,
+    RSA_PSS_SHA256,
+    SignerError,
+    public_key_id,
+)
+
+logger = logging.getLogger(__name__)
+
+_PREHASHED_SHA256 = Prehashed(hashes.SHA256())
+
+# Signing in batches this large per thread hop keeps the hop cost negligible
+# while letting other work interleave with a long batch.
+_CHUNK = 256
+
+SoftwarePrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+
+
+def _write_private(path: Path, pem: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(pem)
+
+
+def generate_artifact_key(algorithm: str) -> SoftwarePrivateKey:
+    if algorithm == ECDSA_P256_SHA256:
+        return ec.generate_private_key(ec.SECP256R1())
+    if algorithm == ECDSA_P384_SHA256:
+        return ec.generate_private_key(ec.SECP384R1())
+    if algorithm in (RSA_PKCS1V15_SHA256, RSA_PSS_SHA256):
+        return rsa.generate_private_key(public_exponent=65537, key_size=3072)
+    raise ValueError(f"unknown artifact signing algorithm {algorithm!r}")
+
+
+def _sign_one(key: SoftwarePrivateKey, algorithm: str, digest: bytes) -> bytes:
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return key.sign(digest, ec.ECDSA(_PREHASHED_SHA256))
+    if algorithm == RSA_PSS_SHA256:
+        pss = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
+        return key.sign(digest, pss, _PREHASHED_SHA256)
+    return key.sign(digest, padding.PKCS1v15(), _PREHASHED_SHA256)
+
+
+class SoftwareArtifactSigner:
+    """An artifact key held in memory, loaded from or created in a PEM file."""
+
+    def __init__(self, name: str, algorithm: str, key: SoftwarePrivateKey) -> None:
+        self._name = name
+        self._algorithm = algorithm
+        self._key = key
+        self._key_id = public_key_id(key.public_key())
+
+    @classmethod
+    def load_or_create(
+        cls, name: str, path: Path, algorithm: str = ECDSA_P256_SHA256
+    ) -> SoftwareArtifactSigner:
+        if path.exists():
+            loaded = serialization.load_pem_private_key(path.read_bytes(), None)
+            if not isinstance(
+                loaded, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+            ):
+                raise SignerError(f"{path}: not an ECDSA or RSA private key")
+            return cls(name, algorithm, loaded)
+        key = generate_artifact_key(algorithm)
+        pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        _write_private(path, pem)
+        logger.warning(
+            "generated software artifact key",
+            extra={"key": name, "path": str(path), "algorithm": algorithm},
+        )
+        return cls(name, algorithm, key)
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def algorithm(self) -> str:
+        return self._algorithm
+
+    @property
+    def public_key(self) -> PublicKeyTypes:
+        return self._key.public_key()
+
+    @property
+    def key_id(self) -> str:
+        return self._key_id
+
+    def sign_digests_sync(self, digests: Sequence[bytes]) -> list[bytes]:
+        return [_sign_one(self._key, self._algorithm, d) for d in digests]
+
+    async def sign_digests(self, digests: Sequence[bytes]) -> list[bytes]:
+        if len(digests) <= 4:
+            # A thread hop costs more than a few ECDSA signatures.
+            return self.sign_digests_sync(digests)
+        signatures: list[bytes] = []
+        for start in range(0, len(digests), _CHUNK):
+            chunk = digests[start : start + _CHUNK]
+            signatures += await asyncio.to_thread(self.sign_digests_sync, chunk)
+        return signatures
+
+    async def aclose(self) -> None:
+        return None
+
+
+class SoftwareCheckpointSigner:
+    """An Ed25519 note key held in memory, stored as a raw 32-byte seed file."""
+
+    def __init__(self, name: str, key: ed25519.Ed25519PrivateKey) -> None:
+        self._name = name
+        self._key = key
+        self._public = key.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+
+    @classmethod
+    def load_or_create(cls, name: str, path: Path) -> SoftwareCheckpointSigner:
+        if path.exists():
+            loaded = serialization.load_pem_private_key(path.read_bytes(), None)
+            if not isinstance(loaded, ed25519.Ed25519PrivateKey):
+                raise SignerError(f"{path}: not an Ed25519 private key")
+            return cls(name, loaded)
+        key = ed25519.Ed25519PrivateKey.generate()
+        pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        _write_private(path, pem)
+        logger.warning(
+            "generated software checkpoint key", extra={"key": name, "path": str(path)}
+        )
+        return cls(name, key)
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def public_key(self) -> bytes:
+        return self._public
+
+    async def sign(self, message: bytes) -> bytes:
+        # Ed25519 over a checkpoint takes tens of microseconds: cheaper than a hop.
+        return self._key.sign(message)
+
+    async def aclose(self) -> None:
+        return None
