@@ -1,0 +1,120 @@
+"""End to end: a real `logserver serve`, openssl, and an independent client."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from tlog_scales.backend import HttpBackend
+from tlog_scales.reader import TilesReader
+from tlog_scales.signing import Vkey
+from tlog_scales.tiles import leaf_hash as scales_leaf_hash
+
+from tests.serverproc import ServerProcess
+from verifier.checkpoint import open_checkpoint
+from verifier.note import NoteVerifier
+
+ORIGIN = "e2e.example/log"
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> ServerProcess:
+    return ServerProcess(tmp_path / "data", "--origin", ORIGIN)
+
+
+def entry(name: str, digest: str) -> dict[str, object]:
+    return {"artifact": {"name": name, "sha256": digest}}
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+def test_signature_verifies_with_openssl(server: ServerProcess, tmp_path: Path) -> None:
+    artifact = tmp_path / "release.tar.gz"
+    artifact.write_bytes(b"pretend this is a release\n" * 1000)
+    digest = hashlib.sha256(artifact.read_bytes()).hexdigest()
+
+    status, answer = server.post("api/v1/entries", entry(artifact.name, digest))
+    assert status == 201, answer
+    leaf = base64.b64decode(answer["leaf"])
+    signature = base64.b64decode(json.loads(leaf)["signature"]["value"])
+    sig_file = tmp_path / "release.sig"
+    sig_file.write_bytes(signature)
+    pem = server.data / "public" / "default.pem"
+
+    verify = ["openssl", "dgst", "-sha256", "-verify", str(pem), "-signature"]
+    result = subprocess.run(
+        [*verify, str(sig_file), str(artifact)], capture_output=True, text=True
+    )
+    assert result.returncode == 0 and "Verified OK" in result.stdout, result
+
+    # The same signature must not verify another file.
+    other = tmp_path / "other"
+    other.write_bytes(b"something else")
+    result = subprocess.run(
+        [*verify, str(sig_file), str(other)], capture_output=True, text=True
+    )
+    assert result.returncode != 0
+    assert server.stop() == 0
+
+
+def test_independent_client_reads_and_verifies_the_log(server: ServerProcess) -> None:
+    vkey_text = (server.data / "public" / "log.vkey").read_text().strip()
+    status, first = server.post("api/v1/entries", entry("first", "00" * 32))
+    assert status == 201
+    old = open_checkpoint(first["checkpoint"].encode(), NoteVerifier.from_key(vkey_text))
+
+    # Enough entries for full level-0 tiles and a partial level-1 tile.
+    for batch in range(3):
+        entries = [
+            entry(f"f{batch}-{i}", hashlib.sha256(b"%d/%d" % (batch, i)).hexdigest())
+            for i in range(200)
+        ]
+        status, _ = server.post("api/v1/entries/batch", {"entries": entries})
+        assert status == 201
+
+    reader = TilesReader(HttpBackend(server.url.rstrip("/")))
+    checkpoint = reader.get_checkpoint()
+    checkpoint.verify(Vkey.from_string(vkey_text))
+    assert checkpoint.size == 601
+    assert reader.calculate_root_hash() == checkpoint.root_hash
+
+    for index in (0, 255, 256, 511, 600):
+        leaf = reader.get_entry(index)
+        proof = reader.get_inclusion_proof(index, checkpoint.size)
+        proof.check(scales_leaf_hash(leaf), checkpoint.root_hash)
+    consistency = reader.get_consistency_proof(old.checkpoint.size, checkpoint.size)
+    consistency.check(old.checkpoint.root_hash, checkpoint.root_hash)
+    assert server.stop() == 0
+
+
+def test_restart_keeps_every_entry(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    server = ServerProcess(data, "--origin", ORIGIN)
+    answers = [
+        server.post("api/v1/entries", entry(f"a{i}", "%064x" % i))[1] for i in range(20)
+    ]
+    before = server.get("checkpoint")
+    assert server.stop() == 0
+
+    server = ServerProcess(data, "--origin", ORIGIN)
+    try:
+        assert server.get("checkpoint") == before
+        status, again = server.post("api/v1/entries", entry("a3", "%064x" % 3))
+        assert status == 200 and again["leaf"] == answers[3]["leaf"]
+        status, new = server.post("api/v1/entries", entry("b", "ff" * 32))
+        assert status == 201 and new["index"] == 20
+    finally:
+        assert server.stop() == 0
+
+    # A different origin for the same data is refused, clearly.
+    result = subprocess.run(
+        ["logserver", "serve", "--data", str(data), "--origin", "other/log",
+         "--listen", "127.0.0.1:1"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "origin is fixed" in result.stderr
