@@ -187,8 +187,7 @@ async def consistency_proof(request: web.Request) -> web.Response:
     new = _int_param(request, "new_size", published.size)
     if not 0 <= old <= new <= published.size:
         raise BadRequest(
-            "need 0 <= old_size <= new_size <= the published size "
-            f"{published.size}"
+            f"need 0 <= old_size <= new_size <= the published size {published.size}"
         )
     proof = state.sequencer.tree.consistency_proof(old, new)
     return json_response(
@@ -202,7 +201,9 @@ async def artifact_entries(request: web.Request) -> web.Response:
     if not re.fullmatch(r"[0-9a-f]{64}", sha256):
         raise BadRequest("the artifact digest must be 64 lowercase hex digits")
     size = _published(state).size
-    indexes = await state.storage.find_artifact(bytes.fromhex(sha256), MAX_ARTIFACT_ENTRIES)
+    indexes = await state.storage.find_artifact(
+        bytes.fromhex(sha256), MAX_ARTIFACT_ENTRIES
+    )
     entries = []
     for index in indexes:
         if index < size:

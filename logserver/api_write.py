@@ -26,10 +26,14 @@ async def _read_json(request: web.Request, model: type[BaseModel]) -> Any:
     try:
         return model.model_validate_json(body)
     except ValidationError as exc:
-        errors = exc.errors(include_url=False, include_context=False, include_input=False)
+        errors = exc.errors(
+            include_url=False, include_context=False, include_input=False
+        )
         if any(e["type"] == "json_invalid" for e in errors):
             raise BadRequest("the body is not valid JSON", details=errors) from None
-        raise Unprocessable("the body does not match the schema", details=errors) from None
+        raise Unprocessable(
+            "the body does not match the schema", details=errors
+        ) from None
 
 
 def _submission(state: LogState, body: SubmitRequest, identity: Any) -> Submission:
@@ -52,9 +56,7 @@ def _submission(state: LogState, body: SubmitRequest, identity: Any) -> Submissi
     )
 
 
-async def entry_response(
-    state: LogState, result: Integrated
-) -> dict[str, Any]:
+async def entry_response(state: LogState, result: Integrated) -> dict[str, Any]:
     """What a submitter gets back: the leaf, its inclusion proof, the checkpoint."""
     leaf = result.leaf
     if leaf is None:

@@ -71,7 +71,8 @@ def error_response(
 
 @web.middleware
 async def errors_middleware(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    request: web.Request,
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
 ) -> web.StreamResponse:
     """Turn every error into one JSON body and status, in one place."""
     try:
@@ -94,7 +95,8 @@ async def errors_middleware(
 
 @web.middleware
 async def metrics_middleware(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    request: web.Request,
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
 ) -> web.StreamResponse:
     began = time.perf_counter()
     response = await handler(request)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from logserver.errors import Unauthorized
 
-TOKEN_ISSUER = "logserver/token"
+TOKEN_ISSUER = "logserver/token"  # noqa: S105 (an issuer name, not a secret)
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,8 +8,10 @@ import contextlib
 import logging
 import signal
 import sys
+from collections.abc import Coroutine
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -40,7 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--data", type=Path, help="data directory (default: ./data)")
     serve.add_argument(
-        "--listen", metavar="HOST:PORT", help="address to listen on (default: 127.0.0.1:8080)"
+        "--listen",
+        metavar="HOST:PORT",
+        help="address to listen on (default: 127.0.0.1:8080)",
     )
     serve.add_argument(
         "--database",
@@ -50,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", type=Path, metavar="FILE", help="TOML configuration")
     serve.add_argument(
         "--origin",
-        help="checkpoint origin, fixed at the log's first start (default: HOSTNAME/log)",
+        help="checkpoint origin, fixed at first start (default: HOSTNAME/log)",
     )
     serve.add_argument(
         "--log-format", choices=["text", "json"], help="log as text or JSON lines"
@@ -96,6 +100,15 @@ async def serve(config: Config) -> None:
         await runner.cleanup()
 
 
+def _run(main: Coroutine[Any, Any, None]) -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        asyncio.run(main)
+    else:
+        uvloop.run(main)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -112,14 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logs.configure(config.log_format, args.verbose)
     try:
-        import uvloop
-
-        runner = uvloop.run
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        runner = asyncio.run
-    try:
         with contextlib.suppress(KeyboardInterrupt):
-            runner(serve(config))
+            _run(serve(config))
     except (ConfigError, StorageError, SignerError, OSError) as exc:
         print(f"logserver: {exc}", file=sys.stderr)
         return 1

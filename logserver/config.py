@@ -15,7 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from signer.keys import ARTIFACT_ALGORITHMS, ECDSA_P256_SHA256
 
 Origin = Annotated[str, StringConstraints(pattern=r"^[!-*,-~]{1,255}$")]
-KeyName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+KeyName = Annotated[
+    str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+]
 
 
 class ConfigError(Exception):

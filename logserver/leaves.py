@@ -29,7 +29,9 @@ class PolicyDecision:
 
 
 def _claims(request: SubmitRequest) -> dict[str, Any]:
-    claims: dict[str, Any] = {"artifact": request.artifact.model_dump(exclude_none=True)}
+    claims: dict[str, Any] = {
+        "artifact": request.artifact.model_dump(exclude_none=True)
+    }
     if request.source is not None:
         claims["source"] = request.source.model_dump(exclude_none=True)
     if request.build is not None:
@@ -37,7 +39,9 @@ def _claims(request: SubmitRequest) -> dict[str, Any]:
     return claims
 
 
-def dedup_key(request: SubmitRequest, identity: Identity, signer: ArtifactSigner) -> bytes:
+def dedup_key(
+    request: SubmitRequest, identity: Identity, signer: ArtifactSigner
+) -> bytes:
     """Equal for a retried request: same claims, same caller, same key."""
     material = _claims(request)
     material["identity"] = [identity.issuer, identity.subject]

@@ -66,7 +66,10 @@ _LEAF = {
 
 
 def _json(schema: Any, description: str) -> dict[str, Any]:
-    return {"description": description, "content": {"application/json": {"schema": schema}}}
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": schema}},
+    }
 
 
 def _error(description: str) -> dict[str, Any]:
@@ -80,7 +83,11 @@ def _ref(name: str) -> dict[str, str]:
 def _binary(description: str) -> dict[str, Any]:
     return {
         "description": description,
-        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+        "content": {
+            "application/octet-stream": {
+                "schema": {"type": "string", "format": "binary"}
+            }
+        },
     }
 
 
@@ -105,7 +112,9 @@ _WRITE_ERRORS = {
 
 
 def document() -> dict[str, Any]:
-    submit_schema = SubmitRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    submit_schema = SubmitRequest.model_json_schema(
+        ref_template="#/components/schemas/{model}"
+    )
     batch_schema = BatchSubmitRequest.model_json_schema(
         ref_template="#/components/schemas/{model}"
     )
@@ -158,7 +167,10 @@ def document() -> dict[str, Any]:
                         "Logged; entries in request order.",
                     ),
                     "200": _json(
-                        {"type": "object", "properties": {"entries": {"type": "array"}}},
+                        {
+                            "type": "object",
+                            "properties": {"entries": {"type": "array"}},
+                        },
                         "Every entry was already logged.",
                     ),
                     **_WRITE_ERRORS,
@@ -167,13 +179,17 @@ def document() -> dict[str, Any]:
         },
         "/api/v1/entries/{index}": {
             "get": {
-                "summary": "One entry, with its inclusion proof in the latest checkpoint",
+                "summary": "One entry and its inclusion proof in the latest checkpoint",
                 "parameters": [
                     {
                         "name": "index",
                         "in": "path",
                         "required": True,
-                        "schema": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
+                        "schema": {
+                            "type": "integer",
+                            "minimum": 0,
+                            "maximum": 2**63 - 1,
+                        },
                     }
                 ],
                 "responses": {
@@ -219,7 +235,10 @@ def document() -> dict[str, Any]:
                             "properties": {
                                 "old_size": {"type": "integer"},
                                 "new_size": {"type": "integer"},
-                                "hashes": {"type": "array", "items": {"type": "string"}},
+                                "hashes": {
+                                    "type": "array",
+                                    "items": {"type": "string"},
+                                },
                             },
                         },
                         "The proof.",
@@ -244,7 +263,9 @@ def document() -> dict[str, Any]:
                         {
                             "type": "object",
                             "required": ["entries"],
-                            "properties": {"entries": {"type": "array", "items": _ref("Leaf")}},
+                            "properties": {
+                                "entries": {"type": "array", "items": _ref("Leaf")}
+                            },
                         },
                         "Matching entries, oldest first.",
                     ),
@@ -275,7 +296,12 @@ def document() -> dict[str, Any]:
                 "summary": "Hash tiles and entry bundles (c2sp.org/tlog-tiles)",
                 "description": "tile/<L>/<N>[.p/<W>] or tile/entries/<N>[.p/<W>].",
                 "parameters": [
-                    {"name": "tail", "in": "path", "required": True, "schema": {"type": "string"}}
+                    {
+                        "name": "tail",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string"},
+                    }
                 ],
                 "responses": {
                     "200": _binary("The tile."),

@@ -107,7 +107,6 @@ class Sequencer:
         self._tasks: list[asyncio.Task[None]] = []
         self._accepting = False
         self._resync_needed = False
-        self._busy = 0
 
     async def start(self) -> None:
         """Load the tree from storage, publish a checkpoint for it, start work."""
@@ -121,11 +120,14 @@ class Sequencer:
     async def stop(self, drain_timeout: float = 10.0) -> None:
         """Refuse new work, finish what was accepted, then stop."""
         self._accepting = False
-        deadline = time.monotonic() + drain_timeout
-        while (
-            self._queue.qsize() or self._signed.qsize() or self._busy
-        ) and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+        try:
+            # Queue items are marked done only once their batch moved on, so
+            # these two joins wait for the batch in flight to be answered.
+            async with asyncio.timeout(drain_timeout):
+                await self._queue.join()
+                await self._signed.join()
+        except TimeoutError:
+            logger.warning("stopped before every submission was answered")
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -218,9 +220,7 @@ class Sequencer:
         size, root = self.tree.size, self.tree.root()
         body = Checkpoint(self.origin, size, root).to_text()
         signature = await self.checkpoint_signer.sign(body.encode())
-        note = format_note(
-            body, [NoteSignature(self.origin, self._key_id, signature)]
-        )
+        note = format_note(body, [NoteSignature(self.origin, self._key_id, signature)])
         await self.storage.store_checkpoint(size, note)
         self.published = PublishedCheckpoint(size, root, note)
         self.metrics.tree_size.set(size)
@@ -246,13 +246,13 @@ class Sequencer:
     async def _signing_loop(self) -> None:
         while True:
             batch = await self._take()
-            self._busy += 1
             try:
                 await self._signed.put(await self._sign(batch))
             except Exception as exc:
                 self._fail(batch, exc)
             finally:
-                self._busy -= 1
+                for _ in batch:
+                    self._queue.task_done()
 
     async def _sign(self, batch: list[Submission]) -> _Batch:
         found = await self.storage.find_dedup([s.dedup_key for s in batch])
@@ -277,18 +277,20 @@ class Sequencer:
     async def _integration_loop(self) -> None:
         while True:
             batch = await self._signed.get()
+            merged = 1
             # Merge whatever else is ready: one transaction, one checkpoint.
             while not self._signed.empty():
                 more = self._signed.get_nowait()
                 batch.new += more.new
                 batch.existing += more.existing
-            self._busy += 1
+                merged += 1
             try:
                 await self._integrate(batch)
             except Exception as exc:
                 self._fail([s for s, _ in batch.new + batch.existing], exc)
             finally:
-                self._busy -= 1
+                for _ in range(merged):
+                    self._signed.task_done()
 
     async def _integrate(self, batch: _Batch) -> None:
         began = time.perf_counter()
@@ -351,7 +353,9 @@ class Sequencer:
 
 def _as_api_error(exc: BaseException) -> BaseException:
     if isinstance(exc, SignerUnavailable):
-        return Unavailable("the signing key is unavailable; retry shortly", retry_after=2)
+        return Unavailable(
+            "the signing key is unavailable; retry shortly", retry_after=2
+        )
     if isinstance(exc, StorageUnavailable | TreeConflict):
         return Unavailable("the database is unavailable; retry shortly", retry_after=2)
     if isinstance(exc, Unavailable):

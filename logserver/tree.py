@@ -10,6 +10,7 @@ tiles, from which `MerkleTree.from_leaf_hashes` rebuilds the rest at start.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from hashlib import sha256
 
 from verifier.merkle import EMPTY_ROOT, HASH_SIZE, node_hash
 from verifier.tiles import TILE_WIDTH
@@ -36,8 +37,8 @@ class MerkleTree:
         while len(below) >= 2 * HASH_SIZE:
             level = bytearray()
             for at in range(0, len(below) - HASH_SIZE, 2 * HASH_SIZE):
-                mid = at + HASH_SIZE
-                level += node_hash(below[at:mid], below[mid : mid + HASH_SIZE])
+                # node_hash over the adjacent pair, without splitting it.
+                level += sha256(b"\x01" + below[at : at + 2 * HASH_SIZE]).digest()
             tree._levels.append(level)
             below = level
         return tree
@@ -54,14 +55,12 @@ class MerkleTree:
             self._size += 1
             index, height = self._size - 1, 0
             while index & 1:
-                below = levels[height]
-                right = bytes(below[-HASH_SIZE:])
-                left = bytes(below[-2 * HASH_SIZE : -HASH_SIZE])
+                pair = levels[height][-2 * HASH_SIZE :]
                 height += 1
                 index >>= 1
                 if height == len(levels):
                     levels.append(bytearray())
-                levels[height] += node_hash(left, right)
+                levels[height] += sha256(b"\x01" + pair).digest()
 
     def truncate(self, size: int) -> None:
         """Drop leaves past `size`: undoes an append whose storage write failed."""
@@ -162,7 +161,9 @@ class MerkleTree:
             old_count, new_count = old_size >> height, self._size >> height
             if new_count == 0 or old_count == new_count:
                 return
-            for index in range(old_count // TILE_WIDTH, (new_count - 1) // TILE_WIDTH + 1):
+            for index in range(
+                old_count // TILE_WIDTH, (new_count - 1) // TILE_WIDTH + 1
+            ):
                 width = min(TILE_WIDTH, new_count - index * TILE_WIDTH)
                 yield level, index, self.tile(level, index, width)
             level += 1

@@ -65,7 +65,9 @@ def test_independent_client_reads_and_verifies_the_log(server: ServerProcess) ->
     vkey_text = (server.data / "public" / "log.vkey").read_text().strip()
     status, first = server.post("api/v1/entries", entry("first", "00" * 32))
     assert status == 201
-    old = open_checkpoint(first["checkpoint"].encode(), NoteVerifier.from_key(vkey_text))
+    old = open_checkpoint(
+        first["checkpoint"].encode(), NoteVerifier.from_key(vkey_text)
+    )
 
     # Enough entries for full level-0 tiles and a partial level-1 tile.
     for batch in range(3):
@@ -95,7 +97,7 @@ def test_restart_keeps_every_entry(tmp_path: Path) -> None:
     data = tmp_path / "data"
     server = ServerProcess(data, "--origin", ORIGIN)
     answers = [
-        server.post("api/v1/entries", entry(f"a{i}", "%064x" % i))[1] for i in range(20)
+        server.post("api/v1/entries", entry(f"a{i}", f"{i:064x}"))[1] for i in range(20)
     ]
     before = server.get("checkpoint")
     assert server.stop() == 0
@@ -103,7 +105,7 @@ def test_restart_keeps_every_entry(tmp_path: Path) -> None:
     server = ServerProcess(data, "--origin", ORIGIN)
     try:
         assert server.get("checkpoint") == before
-        status, again = server.post("api/v1/entries", entry("a3", "%064x" % 3))
+        status, again = server.post("api/v1/entries", entry("a3", f"{3:064x}"))
         assert status == 200 and again["leaf"] == answers[3]["leaf"]
         status, new = server.post("api/v1/entries", entry("b", "ff" * 32))
         assert status == 201 and new["index"] == 20
