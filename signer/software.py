@@ -78,9 +78,7 @@ class SoftwareArtifactSigner:
     ) -> SoftwareArtifactSigner:
         if path.exists():
             loaded = serialization.load_pem_private_key(path.read_bytes(), None)
-            if not isinstance(
-                loaded, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
-            ):
+            if not isinstance(loaded, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
                 raise SignerError(f"{path}: not an ECDSA or RSA private key")
             return cls(name, algorithm, loaded)
         key = generate_artifact_key(algorithm)

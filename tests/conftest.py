@@ -19,7 +19,6 @@ PG_DSN = os.environ.get("LOGSIGN_TEST_PG", "postgresql://root@127.0.0.1:5432/tes
 ORIGIN = "test.example/log"
 
 
-
 def _postgres_reachable() -> str | None:
     async def probe() -> None:
         conn = await asyncpg.connect(PG_DSN, timeout=3)
@@ -81,7 +80,9 @@ def log_config(tmp_path: Path, database_url: str) -> Config:
 
 
 @pytest.fixture
-async def log_client(aiohttp_client: object, log_config: Config) -> AsyncIterator[TestClient]:
+async def log_client(
+    aiohttp_client: object, log_config: Config
+) -> AsyncIterator[TestClient]:
     client: TestClient = await aiohttp_client(create_app(log_config))  # type: ignore[operator]
     yield client
 

@@ -25,7 +25,9 @@ def free_port() -> int:
 class ServerProcess:
     """A log server subprocess; `url` ends with a slash."""
 
-    def __init__(self, data: Path, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, data: Path, *args: str, env: dict[str, str] | None = None
+    ) -> None:
         self.data = data
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"

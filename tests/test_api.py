@@ -28,13 +28,17 @@ def body_for(name: str, **extra: Any) -> dict[str, Any]:
 
 
 async def submit(client: TestClient, body: dict[str, Any], status: int = 201) -> Any:
-    response = await client.post("/api/v1/entries", json=body, headers=token_header(client))
+    response = await client.post(
+        "/api/v1/entries", json=body, headers=token_header(client)
+    )
     assert response.status == status, await response.text()
     return await response.json()
 
 
 def log_verifier(config: Config) -> NoteVerifier:
-    return NoteVerifier.from_key((config.data / "public" / "log.vkey").read_text().strip())
+    return NoteVerifier.from_key(
+        (config.data / "public" / "log.vkey").read_text().strip()
+    )
 
 
 def check_entry(config: Config, answer: dict[str, Any], artifact_name: str) -> None:
@@ -72,7 +76,11 @@ async def test_submit_returns_a_verifiable_entry(
         log_client,
         body_for(
             "app.tar.gz",
-            source={"repository": "github.com/org/app", "commit": "a" * 40, "ref": "main"},
+            source={
+                "repository": "github.com/org/app",
+                "commit": "a" * 40,
+                "ref": "main",
+            },
             build={"builder": "ci-runner-1", "invocation": "run/17"},
         ),
     )
@@ -237,7 +245,11 @@ async def test_bad_writes_change_nothing(log_client: TestClient) -> None:
         ({"Authorization": "Bearer wrong"}, good, 401),
         ({"Authorization": "Basic abc"}, good, 401),
         (headers, {"artifact": {"name": "x", "sha256": "ABC"}}, 422),
-        (headers, {"artifact": {"name": "x", "sha256": digest_of("x"), "size": 1.5}}, 422),
+        (
+            headers,
+            {"artifact": {"name": "x", "sha256": digest_of("x"), "size": 1.5}},
+            422,
+        ),
         (headers, {"artifact": {"name": "", "sha256": digest_of("x")}}, 422),
         (headers, {"artifact": {"name": "a\nb", "sha256": digest_of("x")}}, 422),
         (headers, {**good, "extra": 1}, 422),
