@@ -20,7 +20,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from logserver.app import STATE, LogState, json_response
 from logserver.errors import BadRequest, NotFound
 from logserver.sequencer import PublishedCheckpoint
-from signer.keys import public_key_pem
 from verifier.errors import FormatError
 from verifier.merkle import HASH_SIZE, leaf_hash
 from verifier.tiles import TILE_WIDTH, encode_entry_bundle, parse_tile_path
@@ -214,16 +213,7 @@ async def artifact_entries(request: web.Request) -> web.Response:
 
 async def keys(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    artifact = [
-        {
-            "name": name,
-            "algorithm": signer.algorithm,
-            "key_id": signer.key_id,
-            "default": name == state.keys.default_artifact,
-            "public_key_pem": public_key_pem(signer.public_key).decode(),
-        }
-        for name, signer in state.keys.artifact.items()
-    ]
+    artifact = [key.as_json() for key in state.keys.published]
     return json_response(
         {
             "origin": state.sequencer.origin,

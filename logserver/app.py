@@ -127,7 +127,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     await storage.open()
     try:
         origin = await _origin(config, storage)
-        keys = open_keys(config, origin)
+        keys = await open_keys(config, origin, storage)
         try:
             publish_keys(keys, config.data / "public")
             token_path = config.data / "secrets" / "submit.token"

@@ -10,9 +10,17 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
 
 from signer.keys import ARTIFACT_ALGORITHMS, ECDSA_P256_SHA256
+from signer.pkcs11_config import Pkcs11Config
 
 Origin = Annotated[str, StringConstraints(pattern=r"^[!-*,-~]{1,255}$")]
 KeyName = Annotated[
@@ -29,16 +37,25 @@ class _Section(BaseModel):
 
 
 class KeyConfig(_Section):
-    """Where one key lives. Software keys are files under DATA/secrets/."""
+    """Where one key lives: a file under DATA/secrets/, or a PKCS#11 token."""
 
     backend: Literal["software", "pkcs11"] = "software"
     algorithm: str = ECDSA_P256_SHA256
-    module: Path | None = Field(default=None, description="PKCS#11 module path")
-    token: str | None = Field(default=None, description="PKCS#11 token label")
-    label: str | None = Field(default=None, description="PKCS#11 key label")
-    pin_env: str | None = Field(default=None, description="env var with the PIN")
-    pin_file: Path | None = Field(default=None, description="file with the PIN")
-    sessions: int = Field(default=2, ge=1, le=64, description="HSM signing sessions")
+    pkcs11: Pkcs11Config | None = Field(
+        default=None, description="token and key, for backend = 'pkcs11'"
+    )
+    retired: bool = Field(
+        default=False,
+        description="published so old signatures verify, but never used to sign",
+    )
+
+    @model_validator(mode="after")
+    def _backend_has_its_settings(self) -> KeyConfig:
+        if self.backend == "pkcs11" and self.pkcs11 is None:
+            raise ValueError("backend = 'pkcs11' needs a [...pkcs11] table")
+        if self.backend == "software" and self.pkcs11 is not None:
+            raise ValueError("a [...pkcs11] table needs backend = 'pkcs11'")
+        return self
 
 
 class SequencerConfig(_Section):
@@ -92,7 +109,13 @@ def load_config(path: Path | None, **overrides: object) -> Config:
     except ValidationError as exc:
         where = f" in {path}" if path else ""
         raise ConfigError(f"invalid configuration{where}:\n{exc}") from exc
-    if config.default_artifact_key not in config.artifact_keys:
+    default = config.artifact_keys.get(config.default_artifact_key)
+    if default is not None and default.retired:
+        raise ConfigError(
+            f"default_artifact_key {config.default_artifact_key!r} is retired: "
+            "make another key the default"
+        )
+    if default is None:
         raise ConfigError(
             f"default_artifact_key {config.default_artifact_key!r} is not one of "
             f"the artifact_keys ({', '.join(sorted(config.artifact_keys))})"

@@ -1,4 +1,9 @@
-"""The log's keys: built from configuration and published for verifiers."""
+"""The log's keys: opened from configuration, recorded, and published.
+
+Every artifact key the log has signed with is recorded in storage the first
+time it is opened, so its public key stays published after it is retired or
+removed from the configuration: old signatures remain verifiable.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +11,39 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from logserver.config import Config, ConfigError, KeyConfig
-from signer.keys import ArtifactSigner, CheckpointSigner, public_key_pem
+import orjson
+
+from logserver.config import Config, KeyConfig
+from logserver.storage import Storage
+from signer.keys import ArtifactSigner, CheckpointSigner, SignerError, public_key_pem
 from signer.software import SoftwareArtifactSigner, SoftwareCheckpointSigner
 from verifier.note import verifier_key
 
 logger = logging.getLogger(__name__)
+
+_REGISTRY_PREFIX = "artifact_key:"
+
+
+@dataclass(frozen=True)
+class PublishedKey:
+    """An artifact public key as published: active, default or retired."""
+
+    name: str
+    algorithm: str
+    key_id: str
+    pem: str
+    status: str
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "algorithm": self.algorithm,
+            "key_id": self.key_id,
+            "status": self.status,
+            "public_key_pem": self.pem,
+        }
 
 
 @dataclass
@@ -20,6 +51,7 @@ class LogKeys:
     checkpoint: CheckpointSigner
     artifact: dict[str, ArtifactSigner]
     default_artifact: str
+    published: list[PublishedKey]
 
     @property
     def verifier_key(self) -> str:
@@ -37,29 +69,31 @@ def _secrets_dir(config: Config) -> Path:
     return path
 
 
-def _artifact_signer(config: Config, name: str, key: KeyConfig) -> ArtifactSigner:
-    if key.backend == "software":
-        path = _secrets_dir(config) / f"artifact-{name}.pem"
-        return SoftwareArtifactSigner.load_or_create(name, path, key.algorithm)
-    from logserver.hsm import pkcs11_artifact_signer
+async def _artifact_signer(config: Config, name: str, key: KeyConfig) -> ArtifactSigner:
+    if key.pkcs11 is not None:
+        from signer.pkcs11_backend import Pkcs11ArtifactSigner
 
-    return pkcs11_artifact_signer(name, key)
+        return await Pkcs11ArtifactSigner.open(name, key.pkcs11, key.algorithm)
+    path = _secrets_dir(config) / f"artifact-{name}.pem"
+    return SoftwareArtifactSigner.load_or_create(name, path, key.algorithm)
 
 
-def _checkpoint_signer(config: Config, origin: str) -> CheckpointSigner:
+async def _checkpoint_signer(config: Config, origin: str) -> CheckpointSigner:
     key = config.checkpoint_key
-    if key.backend == "software":
-        path = _secrets_dir(config) / "checkpoint.pem"
-        return SoftwareCheckpointSigner.load_or_create(origin, path)
-    from logserver.hsm import pkcs11_checkpoint_signer
+    if key.pkcs11 is not None:
+        from signer.pkcs11_backend import Pkcs11CheckpointSigner
 
-    return pkcs11_checkpoint_signer(origin, key)
+        return await Pkcs11CheckpointSigner.open(origin, key.pkcs11)
+    path = _secrets_dir(config) / "checkpoint.pem"
+    return SoftwareCheckpointSigner.load_or_create(origin, path)
 
 
-def open_keys(config: Config, origin: str) -> LogKeys:
-    """Every configured key, opened; warns once if any key is in software."""
+async def open_keys(config: Config, origin: str, storage: Storage) -> LogKeys:
+    """Open every active key, record it, and list all keys ever recorded."""
     software = [
-        name for name, k in config.artifact_keys.items() if k.backend == "software"
+        name
+        for name, k in config.artifact_keys.items()
+        if k.backend == "software" and not k.retired
     ]
     if config.checkpoint_key.backend == "software":
         software.append("checkpoint")
@@ -68,25 +102,80 @@ def open_keys(config: Config, origin: str) -> LogKeys:
             "software keys are for development only: use an HSM in production",
             extra={"keys": ",".join(software), "secrets": str(config.data / "secrets")},
         )
+
+    artifact: dict[str, ArtifactSigner] = {}
+    checkpoint: CheckpointSigner | None = None
     try:
-        artifact = {
-            name: _artifact_signer(config, name, key)
-            for name, key in config.artifact_keys.items()
+        for name, key in config.artifact_keys.items():
+            if not key.retired:
+                artifact[name] = await _artifact_signer(config, name, key)
+        checkpoint = await _checkpoint_signer(config, origin)
+        published = await _record_and_list(storage, artifact, config)
+    except BaseException:
+        for opened in artifact.values():
+            await opened.aclose()
+        if checkpoint is not None:
+            await checkpoint.aclose()
+        raise
+    return LogKeys(checkpoint, artifact, config.default_artifact_key, published)
+
+
+async def _record_and_list(
+    storage: Storage, artifact: dict[str, ArtifactSigner], config: Config
+) -> list[PublishedKey]:
+    for name, signer in artifact.items():
+        record = {
+            "name": name,
+            "algorithm": signer.algorithm,
+            "pem": public_key_pem(signer.public_key).decode(),
         }
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from exc
-    return LogKeys(
-        _checkpoint_signer(config, origin), artifact, config.default_artifact_key
-    )
+        await storage.set_meta_once(
+            _REGISTRY_PREFIX + signer.key_id, orjson.dumps(record).decode()
+        )
+
+    active = {signer.key_id: name for name, signer in artifact.items()}
+    published = []
+    for meta_key, value in sorted((await storage.list_meta(_REGISTRY_PREFIX)).items()):
+        key_id = meta_key.removeprefix(_REGISTRY_PREFIX)
+        record = orjson.loads(value)
+        if key_id in active:
+            name = active[key_id]
+            status = "default" if name == config.default_artifact_key else "active"
+        else:
+            name, status = record["name"], "retired"
+        published.append(
+            PublishedKey(name, record["algorithm"], key_id, record["pem"], status)
+        )
+    for name, key in config.artifact_keys.items():
+        if key.retired and not any(p.name == name for p in published):
+            logger.warning(
+                "retired key was never recorded by this log; nothing to publish",
+                extra={"key": name},
+            )
+    return published
 
 
 def publish_keys(keys: LogKeys, directory: Path) -> None:
-    """Write `log.vkey` and one `<name>.pem` per artifact key, atomically each."""
+    """Write `log.vkey`, a PEM per artifact key and `keys.json`, atomically each.
+
+    Active keys are `<name>.pem`; a retired key whose name was reused is
+    `<name>-<first 16 hex of its key ID>.pem`.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     files = {"log.vkey": (keys.verifier_key + "\n").encode()}
-    for name, signer in keys.artifact.items():
-        files[f"{name}.pem"] = public_key_pem(signer.public_key)
+    active_names = {p.name for p in keys.published if p.status != "retired"}
+    for key in keys.published:
+        filename = f"{key.name}.pem"
+        if key.status == "retired" and key.name in active_names:
+            filename = f"{key.name}-{key.key_id[:16]}.pem"
+        files[filename] = key.pem.encode()
+    files["keys.json"] = orjson.dumps(
+        [k.as_json() for k in keys.published], option=orjson.OPT_INDENT_2
+    )
     for filename, content in files.items():
         tmp = directory / f".{filename}.tmp"
         tmp.write_bytes(content)
         os.replace(tmp, directory / filename)
+
+
+__all__ = ["LogKeys", "PublishedKey", "SignerError", "open_keys", "publish_keys"]

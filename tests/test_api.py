@@ -201,7 +201,7 @@ async def test_json_reads(log_client: TestClient, log_config: Config) -> None:
 
     keys = await (await log_client.get("/api/v1/keys")).json()
     assert keys["checkpoint_key"] == verifier_text(log_config)
-    assert keys["artifact_keys"][0]["default"] is True
+    assert keys["artifact_keys"][0]["status"] == "default"
 
 
 def verifier_text(config: Config) -> str:

@@ -50,6 +50,9 @@ class Storage(Protocol):
     async def set_meta_once(self, key: str, value: str) -> str:
         """Store `value` unless `key` has one already; return the stored value."""
 
+    async def list_meta(self, prefix: str) -> dict[str, str]:
+        """Every metadata key starting with `prefix`, with its value."""
+
     async def load_state(self) -> StoredState: ...
 
     async def find_dedup(self, keys: Sequence[bytes]) -> dict[bytes, int]:

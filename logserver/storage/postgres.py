@@ -176,6 +176,17 @@ class PostgresStorage:
 
         return await self._with_conn(put)
 
+    async def list_meta(self, prefix: str) -> dict[str, str]:
+        async def get(conn: Any) -> dict[str, str]:
+            rows = await conn.fetch(
+                "SELECT key, value FROM meta WHERE left(key, $1) = $2",
+                len(prefix),
+                prefix,
+            )
+            return {str(r["key"]): str(r["value"]) for r in rows}
+
+        return await self._with_conn(get)
+
     async def load_state(self) -> StoredState:
         async def load(conn: Any) -> StoredState:
             async with conn.transaction(isolation="repeatable_read", readonly=True):

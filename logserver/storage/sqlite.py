@@ -157,6 +157,16 @@ class SqliteStorage:
 
         return await self._write(put)
 
+    async def list_meta(self, prefix: str) -> dict[str, str]:
+        def get(conn: sqlite3.Connection) -> dict[str, str]:
+            rows = conn.execute(
+                "SELECT key, value FROM meta WHERE substr(key, 1, ?) = ?",
+                (len(prefix), prefix),
+            )
+            return {str(k): str(v) for k, v in rows}
+
+        return await self._read(get)
+
     async def load_state(self) -> StoredState:
         def load(conn: sqlite3.Connection) -> StoredState:
             conn.execute("BEGIN")
