@@ -8,12 +8,13 @@ runs on a thread, in a pool of processes, or in an HSM.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
+
+from verifier.leaf import public_key_id as public_key_id  # re-exported for backends
 
 # The algorithms an artifact signature may use. Every one signs the SHA-256
 # digest the client sent, so `openssl dgst -sha256 -verify` checks it over the
@@ -36,14 +37,6 @@ class SignerError(Exception):
 
 class SignerUnavailable(SignerError):
     """The backend cannot sign right now (HSM gone, session lost); retry later."""
-
-
-def public_key_id(public_key: PublicKeyTypes) -> str:
-    """The key ID recorded in leaves: hex SHA-256 of the SubjectPublicKeyInfo DER."""
-    der = public_key.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return hashlib.sha256(der).hexdigest()
 
 
 def public_key_pem(public_key: PublicKeyTypes) -> bytes:
@@ -69,7 +62,7 @@ class ArtifactSigner(Protocol):
 
     @property
     def key_id(self) -> str:
-        """`public_key_id(self.public_key)`."""
+        """`public_key_id(self.public_key)`: hex SHA-256 of the SPKI DER."""
 
     async def sign_digests(self, digests: Sequence[bytes]) -> list[bytes]:
         """Sign each 32-byte digest; raise `SignerUnavailable` to ask for a retry."""
