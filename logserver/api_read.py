@@ -162,6 +162,8 @@ async def inclusion_proof(request: web.Request) -> web.Response:
             f"tree_size must be between 1 and the published size {published.size}"
         )
     if "leaf_hash" in request.query:
+        if "index" in request.query:
+            raise BadRequest("give index or leaf_hash, not both")
         try:
             wanted = base64.b64decode(request.query["leaf_hash"], validate=True)
         except binascii.Error:

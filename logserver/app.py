@@ -16,7 +16,7 @@ from aiohttp import web
 
 from logserver.auth import TokenAuthenticator, load_or_create_token
 from logserver.config import Config, ConfigError
-from logserver.errors import ApiError, Unavailable
+from logserver.errors import ApiError, NotFound, PayloadTooLarge, Unavailable
 from logserver.keys import LogKeys, open_keys, publish_keys
 from logserver.leaves import PolicyDecision
 from logserver.metrics import Metrics
@@ -69,6 +69,15 @@ def error_response(
     return json_response({"error": error}, status=status, headers=headers or None)
 
 
+# aiohttp raises these itself (unknown route, body over the size limit); give
+# them the same codes as the service's own errors.
+_HTTP_CODES = {
+    404: NotFound.code,
+    405: "method_not_allowed",
+    413: PayloadTooLarge.code,
+}
+
+
 @web.middleware
 async def errors_middleware(
     request: web.Request,
@@ -86,8 +95,9 @@ async def errors_middleware(
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        code = exc.reason.lower().replace(" ", "_")
-        return error_response(exc.status, code, exc.text or exc.reason)
+        code = _HTTP_CODES.get(exc.status, exc.reason.lower().replace(" ", "_"))
+        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else {}
+        return error_response(exc.status, code, exc.text or exc.reason, **headers)
     except Exception:
         logger.exception("unhandled error", extra={"path": request.path})
         return error_response(500, "internal_error", "internal error; see server log")

@@ -36,26 +36,37 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class KeyConfig(_Section):
+class _KeyLocation(_Section):
     """Where one key lives: a file under DATA/secrets/, or a PKCS#11 token."""
 
     backend: Literal["software", "pkcs11"] = "software"
-    algorithm: str = ECDSA_P256_SHA256
     pkcs11: Pkcs11Config | None = Field(
         default=None, description="token and key, for backend = 'pkcs11'"
     )
-    retired: bool = Field(
-        default=False,
-        description="published so old signatures verify, but never used to sign",
-    )
 
     @model_validator(mode="after")
-    def _backend_has_its_settings(self) -> KeyConfig:
+    def _backend_has_its_settings(self) -> _KeyLocation:
         if self.backend == "pkcs11" and self.pkcs11 is None:
             raise ValueError("backend = 'pkcs11' needs a [...pkcs11] table")
         if self.backend == "software" and self.pkcs11 is not None:
             raise ValueError("a [...pkcs11] table needs backend = 'pkcs11'")
         return self
+
+
+class KeyConfig(_KeyLocation):
+    """An artifact-signing key."""
+
+    algorithm: str = ECDSA_P256_SHA256
+    retired: bool = Field(
+        default=False,
+        description="published so old signatures verify, but never used to sign",
+    )
+
+
+class CheckpointKeyConfig(_KeyLocation):
+    """The checkpoint note key: always Ed25519."""
+
+    algorithm: Literal["ed25519"] = "ed25519"
 
 
 class SequencerConfig(_Section):
@@ -77,7 +88,7 @@ class Config(_Section):
     max_body_bytes: int = Field(default=1 << 20, ge=1024, le=64 << 20)
     log_format: Literal["text", "json"] = "text"
     sequencer: SequencerConfig = SequencerConfig()
-    checkpoint_key: KeyConfig = KeyConfig(algorithm="ed25519")
+    checkpoint_key: CheckpointKeyConfig = CheckpointKeyConfig()
     artifact_keys: dict[KeyName, KeyConfig] = Field(
         default_factory=lambda: {"default": KeyConfig()}
     )
@@ -126,7 +137,5 @@ def load_config(path: Path | None, **overrides: object) -> Config:
                 f"artifact key {name!r}: algorithm {key.algorithm!r} is not one of "
                 f"{', '.join(ARTIFACT_ALGORITHMS)}"
             )
-    if config.checkpoint_key.algorithm != "ed25519":
-        raise ConfigError("the checkpoint key must use algorithm 'ed25519'")
     config.listen_address()
     return config

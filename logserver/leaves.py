@@ -17,6 +17,7 @@ import orjson
 from logserver.auth import Identity
 from logserver.models import SubmitRequest
 from signer.keys import ArtifactSigner
+from verifier.leaf import MAX_LEAF_SIZE
 
 LEAF_VERSION = 1
 
@@ -75,4 +76,10 @@ def build_leaf(
     }
     leaf["timestamp"] = int(time.time())
     leaf["version"] = LEAF_VERSION
-    return orjson.dumps(leaf, option=orjson.OPT_SORT_KEYS)
+    encoded = orjson.dumps(leaf, option=orjson.OPT_SORT_KEYS)
+    # The request limits keep a leaf under about 30 KB; this guards the
+    # format's 65,535-byte bound (the entry bundle's uint16 length) if
+    # fields are ever added.
+    if len(encoded) > MAX_LEAF_SIZE:
+        raise ValueError(f"leaf of {len(encoded)} bytes exceeds {MAX_LEAF_SIZE}")
+    return encoded

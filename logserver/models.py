@@ -6,10 +6,12 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-# Printable text: no control characters, bounded length.
+# Printable text: no control characters (Unicode category Cc), bounded length.
 Text = Annotated[
     str,
-    StringConstraints(min_length=1, max_length=1024, pattern=r"^[^\x00-\x1f\x7f]+$"),
+    StringConstraints(
+        min_length=1, max_length=1024, pattern=r"^[^\x00-\x1f\x7f-\x9f]+$"
+    ),
 ]
 Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 KeyName = Annotated[

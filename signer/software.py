@@ -54,6 +54,14 @@ def generate_artifact_key(algorithm: str) -> SoftwarePrivateKey:
     raise ValueError(f"unknown artifact signing algorithm {algorithm!r}")
 
 
+def _key_fits(key: SoftwarePrivateKey, algorithm: str) -> bool:
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        curve = {ECDSA_P256_SHA256: ec.SECP256R1, ECDSA_P384_SHA256: ec.SECP384R1}
+        wanted = curve.get(algorithm)
+        return wanted is not None and isinstance(key.curve, wanted)
+    return algorithm in (RSA_PKCS1V15_SHA256, RSA_PSS_SHA256)
+
+
 def _sign_one(key: SoftwarePrivateKey, algorithm: str, digest: bytes) -> bytes:
     if isinstance(key, ec.EllipticCurvePrivateKey):
         return key.sign(digest, ec.ECDSA(_PREHASHED_SHA256))
@@ -80,6 +88,11 @@ class SoftwareArtifactSigner:
             loaded = serialization.load_pem_private_key(path.read_bytes(), None)
             if not isinstance(loaded, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
                 raise SignerError(f"{path}: not an ECDSA or RSA private key")
+            if not _key_fits(loaded, algorithm):
+                raise SignerError(
+                    f"{path} holds a key that cannot sign {algorithm}: a key's "
+                    "algorithm is fixed; add a new key under another name instead"
+                )
             return cls(name, algorithm, loaded)
         key = generate_artifact_key(algorithm)
         pem = key.private_bytes(
@@ -128,7 +141,7 @@ class SoftwareArtifactSigner:
 
 
 class SoftwareCheckpointSigner:
-    """An Ed25519 note key held in memory, stored as a raw 32-byte seed file."""
+    """An Ed25519 note key held in memory, stored as a PKCS#8 PEM file."""
 
     def __init__(self, name: str, key: ed25519.Ed25519PrivateKey) -> None:
         self._name = name

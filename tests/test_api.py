@@ -219,6 +219,7 @@ def verifier_text(config: Config) -> str:
         ("/api/v1/proof/inclusion?index=1&tree_size=1", 400),
         ("/api/v1/proof/inclusion?index=abc", 400),
         ("/api/v1/proof/inclusion?leaf_hash=AAAA", 400),
+        ("/api/v1/proof/inclusion?index=0&leaf_hash=AAAA", 400),
         ("/api/v1/proof/inclusion", 400),
         ("/api/v1/proof/consistency?old_size=2&new_size=1", 400),
         ("/api/v1/proof/consistency?old_size=0&new_size=99999999999999", 400),
@@ -252,6 +253,11 @@ async def test_bad_writes_change_nothing(log_client: TestClient) -> None:
         ),
         (headers, {"artifact": {"name": "", "sha256": digest_of("x")}}, 422),
         (headers, {"artifact": {"name": "a\nb", "sha256": digest_of("x")}}, 422),
+        (
+            headers,
+            {"artifact": {"name": "caf\u00e9\u0085", "sha256": digest_of("x")}},
+            422,
+        ),
         (headers, {**good, "extra": 1}, 422),
         (headers, {**good, "key": "no-such-key"}, 422),
     ]
@@ -272,6 +278,12 @@ async def test_bad_writes_change_nothing(log_client: TestClient) -> None:
         )
         assert response.status == status, (data[:20], await response.text())
         assert (await response.json())["error"]["code"]
+    assert (await response.json())["error"]["code"] == "payload_too_large"
+
+    wrong_method = await log_client.put(url, json=good, headers=headers)
+    assert wrong_method.status == 405
+    assert wrong_method.headers["Allow"] == "POST"
+    assert (await wrong_method.json())["error"]["code"] == "method_not_allowed"
 
     assert log_state(log_client).sequencer.tree.size == 0
     assert (await log_client.get("/checkpoint")).status == 200

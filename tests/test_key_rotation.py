@@ -96,3 +96,19 @@ async def test_rotation_keeps_old_signatures_verifiable(
 def test_a_retired_default_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="is retired"):
         config_for(tmp_path, {"a": {"retired": True}, "b": {}}, "a")
+
+
+def test_a_key_file_cannot_change_algorithm(tmp_path: Path) -> None:
+    from signer.keys import SignerError
+    from signer.software import SoftwareArtifactSigner
+
+    path = tmp_path / "k.pem"
+    SoftwareArtifactSigner.load_or_create("k", path, "ecdsa-p256-sha256")
+    with pytest.raises(SignerError, match="cannot sign ecdsa-p384-sha256"):
+        SoftwareArtifactSigner.load_or_create("k", path, "ecdsa-p384-sha256")
+
+
+def test_checkpoint_key_table_needs_no_algorithm(tmp_path: Path) -> None:
+    config_file = tmp_path / "log.toml"
+    config_file.write_text('[checkpoint_key]\nbackend = "software"\n')
+    assert load_config(config_file).checkpoint_key.algorithm == "ed25519"
