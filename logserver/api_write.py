@@ -1,20 +1,22 @@
-"""The write API: CI submits digests, single or in batches."""
+"""The write API: CI submits digests, single or in batches.
+
+Each request is authenticated and rate limited, validated, and then decided
+by the policy (`logserver.governance`); only an allowed request reaches the
+sequencer and a key.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import base64
 from typing import Any
 
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from logserver.app import STATE, LogState, json_response
+from logserver.app import STATE, json_response
 from logserver.errors import BadRequest, Unprocessable, UnsupportedMediaType
-from logserver.leaves import build_leaf, dedup_key
+from logserver.governance import Parked
 from logserver.models import BatchSubmitRequest, SubmitRequest
-from logserver.sequencer import Integrated, Submission
-from verifier.merkle import leaf_hash
+from logserver.responses import entry_response, request_document
 
 
 async def _read_json(request: web.Request, model: type[BaseModel]) -> Any:
@@ -36,51 +38,21 @@ async def _read_json(request: web.Request, model: type[BaseModel]) -> Any:
         ) from None
 
 
-def _submission(state: LogState, body: SubmitRequest, identity: Any) -> Submission:
-    keys = state.keys
-    name = body.key or keys.default_artifact
-    signer = keys.artifact.get(name)
-    if signer is None:
-        raise Unprocessable(
-            f"no artifact key named {name!r}; known: {', '.join(sorted(keys.artifact))}"
-        )
-    decision = state.decision
-    return Submission(
-        dedup_key=dedup_key(body, identity, signer),
-        digest=bytes.fromhex(body.artifact.sha256),
-        sign=signer.sign_digests,
-        signer_name=name,
-        build_leaf=lambda _, signature: build_leaf(
-            body, identity, decision, signer, signature
-        ),
-    )
-
-
-async def entry_response(state: LogState, result: Integrated) -> dict[str, Any]:
-    """What a submitter gets back: the leaf, its inclusion proof, the checkpoint."""
-    leaf = result.leaf
-    if leaf is None:
-        (leaf,) = await state.storage.get_leaves(result.index, result.index + 1)
-    checkpoint = result.checkpoint
-    proof = state.sequencer.tree.inclusion_proof(result.index, checkpoint.size)
-    return {
-        "index": result.index,
-        "leaf": base64.b64encode(leaf).decode(),
-        "leaf_hash": base64.b64encode(leaf_hash(leaf)).decode(),
-        "inclusion_proof": {
-            "index": result.index,
-            "tree_size": checkpoint.size,
-            "hashes": [base64.b64encode(h).decode() for h in proof],
-        },
-        "checkpoint": checkpoint.note.decode(),
-    }
-
-
 async def submit(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    identity = state.auth.authenticate(request.headers.get("Authorization"))
+    governance = state.governance
+    identity = await governance.auth.authenticate(request.headers.get("Authorization"))
+    governance.check_rate(identity)
     body: SubmitRequest = await _read_json(request, SubmitRequest)
-    result = await state.sequencer.submit(_submission(state, body, identity))
+    outcome = await governance.submit(identity, body)
+    if isinstance(outcome, Parked):
+        location = f"/api/v1/requests/{outcome.request.id}"
+        return json_response(
+            request_document(outcome.request, governance.origin),
+            status=202,
+            headers={"Location": location},
+        )
+    result = outcome.result
     return json_response(
         await entry_response(state, result), status=201 if result.created else 200
     )
@@ -88,10 +60,11 @@ async def submit(request: web.Request) -> web.Response:
 
 async def submit_batch(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    identity = state.auth.authenticate(request.headers.get("Authorization"))
+    governance = state.governance
+    identity = await governance.auth.authenticate(request.headers.get("Authorization"))
+    governance.check_rate(identity)
     body: BatchSubmitRequest = await _read_json(request, BatchSubmitRequest)
-    submissions = [_submission(state, entry, identity) for entry in body.entries]
-    results = await asyncio.gather(*(state.sequencer.submit(s) for s in submissions))
+    results = await governance.submit_batch(identity, body.entries)
     entries = [await entry_response(state, r) for r in results]
     created = any(r.created for r in results)
     return json_response({"entries": entries}, status=201 if created else 200)

@@ -2,32 +2,40 @@
 
 from __future__ import annotations
 
-import hashlib
+import asyncio
+import contextlib
 import logging
+import signal
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 from aiohttp import web
 
-from logserver.auth import TokenAuthenticator, load_or_create_token
+from logserver.audit import AuditLog
+from logserver.auth import (
+    ADMIN_SUBJECT,
+    Authenticator,
+    TokenAuthenticator,
+    TokensFileError,
+    load_or_create_token,
+)
 from logserver.config import Config, ConfigError
-from logserver.errors import ApiError, NotFound, PayloadTooLarge, Unavailable
+from logserver.errors import ApiError, NotFound, PayloadTooLarge
+from logserver.governance import Governance
 from logserver.keys import LogKeys, open_keys, publish_keys
-from logserver.leaves import PolicyDecision
 from logserver.metrics import Metrics
+from logserver.oidc import OidcVerifier
+from logserver.policy import PolicyError
 from logserver.sequencer import Sequencer
 from logserver.storage import Storage, open_storage
 
 logger = logging.getLogger(__name__)
-
-# Until the policy file exists, every valid token may sign with any key; the
-# leaf records this built-in rule and the digest of its text.
-BUILTIN_POLICY = b"# built-in: any valid bootstrap token may sign any artifact\n"
 
 
 @dataclass
@@ -39,9 +47,10 @@ class LogState:
     storage: Storage
     keys: LogKeys
     sequencer: Sequencer
-    auth: TokenAuthenticator
-    decision: PolicyDecision
+    governance: Governance
+    admin: TokenAuthenticator
     token_path: Path
+    admin_token_path: Path
     started: float = field(default_factory=time.monotonic)
 
 
@@ -86,12 +95,11 @@ async def errors_middleware(
     """Turn every error into one JSON body and status, in one place."""
     try:
         return await handler(request)
-    except Unavailable as exc:
-        return error_response(
-            exc.status, exc.code, exc.message, **{"Retry-After": str(exc.retry_after)}
-        )
     except ApiError as exc:
-        return error_response(exc.status, exc.code, exc.message, exc.details)
+        headers = {}
+        if exc.retry_after is not None:
+            headers["Retry-After"] = str(exc.retry_after)
+        return error_response(exc.status, exc.code, exc.message, exc.details, **headers)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -130,6 +138,41 @@ async def _origin(config: Config, storage: Storage) -> str:
     return await storage.set_meta_once("origin", wanted)
 
 
+@contextlib.asynccontextmanager
+async def _http_session(config: Config) -> AsyncIterator[aiohttp.ClientSession | None]:
+    """A client session for fetching JWKS, if any issuer publishes one by URL."""
+    if not any(i.jwks_url for i in config.oidc.issuers):
+        yield None
+        return
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+@contextlib.contextmanager
+def _reload_on_sighup(governance: Governance) -> Iterator[None]:
+    """SIGHUP reloads the policy and tokens files while requests go on."""
+    loop = asyncio.get_running_loop()
+    tasks: set[asyncio.Task[bool]] = set()
+
+    def reload() -> None:
+        logger.info("SIGHUP: reloading the policy")
+        task = loop.create_task(governance.reload())
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    try:
+        loop.add_signal_handler(signal.SIGHUP, reload)
+    except (NotImplementedError, RuntimeError, ValueError):
+        # Not the main thread, or no signals on this platform.
+        logger.warning("cannot handle SIGHUP here; policy reload is off")
+        yield
+        return
+    try:
+        yield
+    finally:
+        loop.remove_signal_handler(signal.SIGHUP)
+
+
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     metrics = Metrics()
@@ -140,9 +183,11 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         keys = await open_keys(config, origin, storage)
         try:
             publish_keys(keys, config.data / "public")
-            token_path = config.data / "secrets" / "submit.token"
-            auth = TokenAuthenticator()
-            auth.add_token(load_or_create_token(token_path), "bootstrap")
+            secrets_dir = config.data / "secrets"
+            token_path = secrets_dir / "submit.token"
+            admin_token_path = secrets_dir / "admin.token"
+            admin = TokenAuthenticator()
+            admin.add_token(load_or_create_token(admin_token_path), ADMIN_SUBJECT)
             sequencer = Sequencer(
                 storage,
                 keys.checkpoint,
@@ -151,17 +196,45 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
                 linger=config.sequencer.linger_ms / 1000,
                 max_pending=config.sequencer.max_pending,
             )
-            await sequencer.start()
-            decision = PolicyDecision(
-                "builtin-bootstrap-token", hashlib.sha256(BUILTIN_POLICY).hexdigest()
-            )
-            app[STATE] = LogState(
-                config, metrics, storage, keys, sequencer, auth, decision, token_path
-            )
-            try:
-                yield
-            finally:
-                await sequencer.stop()
+            audit = AuditLog(storage)
+            async with _http_session(config) as session:
+                oidc = (
+                    OidcVerifier(config.oidc, session) if config.oidc.issuers else None
+                )
+                governance = Governance(
+                    storage=storage,
+                    keys=keys,
+                    sequencer=sequencer,
+                    metrics=metrics,
+                    audit=audit,
+                    authenticator=Authenticator(TokenAuthenticator(), oidc),
+                    bootstrap_token=load_or_create_token(token_path),
+                    policy_path=config.policy,
+                    tokens_path=config.tokens,
+                )
+                try:
+                    governance.load()
+                except (PolicyError, TokensFileError) as exc:
+                    raise ConfigError(str(exc)) from exc
+                await sequencer.start()
+                await audit.start()
+                app[STATE] = LogState(
+                    config,
+                    metrics,
+                    storage,
+                    keys,
+                    sequencer,
+                    governance,
+                    admin,
+                    token_path,
+                    admin_token_path,
+                )
+                try:
+                    with _reload_on_sighup(governance):
+                        yield
+                finally:
+                    await sequencer.stop()
+                    await audit.stop()
         finally:
             await keys.aclose()
     finally:
@@ -170,7 +243,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
 
 def create_app(config: Config) -> web.Application:
     """The application factory: routes, middlewares and lifecycle."""
-    from logserver import api_read, api_write, openapi
+    from logserver import api_governance, api_read, api_write, openapi
 
     app = web.Application(
         client_max_size=config.max_body_bytes,
@@ -180,5 +253,6 @@ def create_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(_lifecycle)
     api_write.add_routes(app)
     api_read.add_routes(app)
+    api_governance.add_routes(app)
     openapi.add_routes(app)
     return app

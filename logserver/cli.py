@@ -17,7 +17,9 @@ from aiohttp import web
 
 from logserver import logs
 from logserver.app import STATE, create_app
+from logserver.auth import TokensFileError, load_tokens_file
 from logserver.config import Config, ConfigError, load_config
+from logserver.policy import PolicyError, load_policy
 from logserver.storage import StorageError
 from signer.keys import SignerError
 
@@ -59,8 +61,93 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--log-format", choices=["text", "json"], help="log as text or JSON lines"
     )
+    serve.add_argument(
+        "--policy",
+        type=Path,
+        metavar="FILE",
+        help="policy TOML (default: the bootstrap token may sign anything)",
+    )
     serve.add_argument("-v", "--verbose", action="count", default=0, help="more logs")
+
+    policy = commands.add_parser(
+        "policy",
+        help="work with policy files",
+        description="Check policy files and explain their decisions.",
+    )
+    policy_actions = policy.add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    check = policy_actions.add_parser(
+        "check",
+        help="lint a policy file and explain a decision",
+        description="Parse and lint a policy file. With --issuer/--subject (or "
+        "--request), also say which rule would decide such a request and why. "
+        "Exit status: 0 valid (and allowed), 1 invalid policy or denied request.",
+    )
+    check.add_argument("file", type=Path, metavar="FILE", help="the policy file")
+    check.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="server configuration, to check key names",
+    )
+    check.add_argument(
+        "--issuer", help="the caller's issuer (default: logserver/token)"
+    )
+    check.add_argument("--subject", help="the caller's subject, such as a token name")
+    check.add_argument(
+        "--claim",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an identity claim, such as repository_id=123 (repeatable)",
+    )
+    check.add_argument(
+        "--request",
+        type=Path,
+        metavar="FILE",
+        help="a JSON request body as POST /api/v1/entries takes it",
+    )
+    check.add_argument("--artifact", metavar="NAME", help="artifact name to ask about")
+    check.add_argument("--key", metavar="NAME", help="artifact key to ask about")
+    check.add_argument("--commit", help="source commit of the request")
+    check.add_argument("--json", action="store_true", help="print JSON")
+    check.set_defaults(run=_policy_check)
+
+    token = commands.add_parser(
+        "token",
+        help="manage bearer tokens",
+        description="Create bearer tokens for the tokens file.",
+    )
+    token_actions = token.add_subparsers(dest="action", required=True, metavar="ACTION")
+    create = token_actions.add_parser(
+        "create",
+        help="make a new token",
+        description="Print a new token on stdout (it is shown only this once) "
+        "and, on stderr, the line to add to the tokens file. The file keeps "
+        "only the token's SHA-256; send the server SIGHUP after editing it.",
+    )
+    create.add_argument("name", help="the identity the token stands for (its subject)")
+    create.add_argument(
+        "--append",
+        type=Path,
+        metavar="FILE",
+        help="also append the line to this tokens file",
+    )
+    create.set_defaults(run=_token_create)
     return parser
+
+
+def _policy_check(args: argparse.Namespace) -> int:
+    from logserver import policytool
+
+    return policytool.check(args)
+
+
+def _token_create(args: argparse.Namespace) -> int:
+    from logserver import policytool
+
+    return policytool.create_token(args)
 
 
 def _banner(app: web.Application, url: str) -> str:
@@ -73,6 +160,9 @@ def _banner(app: web.Application, url: str) -> str:
         f"    (also in {public / 'log.vkey'})\n"
         f"  artifact signing keys: {keys}\n"
         f"  submit token: {state.token_path} (send as 'Authorization: Bearer ...')\n"
+        f"  admin token (audit): {state.admin_token_path}\n"
+        f"  policy: {state.config.policy or 'built-in (bootstrap token only)'}"
+        f" sha256 {state.governance.policy.sha256}\n"
         f"  database: {state.config.database_url().split('@')[-1]}\n"
     )
 
@@ -111,6 +201,9 @@ def _run(main: Coroutine[Any, Any, None]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command != "serve":
+        code: int = args.run(args)
+        return code
     try:
         config = load_config(
             args.config,
@@ -119,8 +212,18 @@ def main(argv: list[str] | None = None) -> int:
             database=args.database,
             origin=args.origin,
             log_format=args.log_format,
+            policy=args.policy,
         )
     except ConfigError as exc:
+        print(f"logserver: {exc}", file=sys.stderr)
+        return 2
+    try:
+        # Refuse a broken policy or tokens file before opening anything.
+        if config.policy is not None:
+            load_policy(config.policy)
+        if config.tokens is not None:
+            load_tokens_file(config.tokens)
+    except (PolicyError, TokensFileError) as exc:
         print(f"logserver: {exc}", file=sys.stderr)
         return 2
     logs.configure(config.log_format, args.verbose)

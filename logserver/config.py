@@ -75,6 +75,37 @@ class SequencerConfig(_Section):
     max_pending: int = Field(default=20_000, ge=1, le=10_000_000)
 
 
+class OidcIssuerConfig(_Section):
+    """One CI OIDC issuer whose ID tokens the log accepts."""
+
+    issuer: str = Field(min_length=1, description="the tokens' `iss`, exactly")
+    audience: str = Field(min_length=1, description="the `aud` tokens must carry")
+    provider: Literal["github", "gitlab", "generic"] = Field(
+        default="generic", description="how the issuer's claims map to policy claims"
+    )
+    jwks_url: str | None = Field(default=None, description="https URL of the JWKS")
+    jwks_file: Path | None = Field(default=None, description="JWKS in a local file")
+
+    @model_validator(mode="after")
+    def _one_jwks_source(self) -> OidcIssuerConfig:
+        if (self.jwks_url is None) == (self.jwks_file is None):
+            raise ValueError("give exactly one of jwks_url and jwks_file")
+        return self
+
+
+class OidcConfig(_Section):
+    issuers: list[OidcIssuerConfig] = Field(default_factory=list)
+    leeway_seconds: int = Field(default=30, ge=0, le=300)
+    jwks_cache_seconds: int = Field(default=3600, ge=0, le=86400)
+    jwks_refresh_seconds: float = Field(
+        default=10.0,
+        ge=0,
+        le=3600,
+        description="least time between two fetches for an unknown key ID",
+    )
+    fetch_timeout_seconds: float = Field(default=10.0, gt=0, le=120)
+
+
 class Config(_Section):
     data: Path = Path("data")
     listen: str = "127.0.0.1:8080"
@@ -93,6 +124,13 @@ class Config(_Section):
         default_factory=lambda: {"default": KeyConfig()}
     )
     default_artifact_key: KeyName = "default"
+    policy: Path | None = Field(
+        default=None, description="policy TOML; the built-in bootstrap rule if absent"
+    )
+    tokens: Path | None = Field(
+        default=None, description="tokens file: NAME sha256:HEX lines"
+    )
+    oidc: OidcConfig = OidcConfig()
 
     def database_url(self) -> str:
         return self.database or f"sqlite:///{self.data / 'log.db'}"
@@ -137,5 +175,8 @@ def load_config(path: Path | None, **overrides: object) -> Config:
                 f"artifact key {name!r}: algorithm {key.algorithm!r} is not one of "
                 f"{', '.join(ARTIFACT_ALGORITHMS)}"
             )
+    issuers = [i.issuer for i in config.oidc.issuers]
+    if len(set(issuers)) != len(issuers):
+        raise ConfigError("each [[oidc.issuers]] issuer may be configured only once")
     config.listen_address()
     return config

@@ -10,6 +10,8 @@ class ApiError(Exception):
 
     status = 400
     code = "bad_request"
+    # Seconds the client should wait before retrying; sent as Retry-After.
+    retry_after: int | None = None
 
     def __init__(self, message: str, *, details: Any = None) -> None:
         super().__init__(message)
@@ -25,6 +27,12 @@ class Unauthorized(ApiError):
     status, code = 401, "unauthorized"
 
 
+class Forbidden(ApiError):
+    """The policy denied the request; `details` lists the reasons."""
+
+    status, code = 403, "denied"
+
+
 class NotFound(ApiError):
     status, code = 404, "not_found"
 
@@ -37,8 +45,24 @@ class UnsupportedMediaType(ApiError):
     status, code = 415, "unsupported_media_type"
 
 
+class Conflict(ApiError):
+    """The request is in a state that does not allow this action."""
+
+    status, code = 409, "conflict"
+
+
 class Unprocessable(ApiError):
     status, code = 422, "invalid_request"
+
+
+class TooManyRequests(ApiError):
+    """The caller is over its rate limit; retry after `retry_after` seconds."""
+
+    status, code = 429, "rate_limited"
+
+    def __init__(self, message: str, *, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class Unavailable(ApiError):

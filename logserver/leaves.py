@@ -24,9 +24,37 @@ LEAF_VERSION = 1
 
 @dataclass(frozen=True, slots=True)
 class PolicyDecision:
+    """The leaf's `policy` member: the rule that allowed the signature and how.
+
+    `approvals` are (approver key ID, base64 signature) pairs; `builders` are
+    the (issuer, subject) pairs of a reproducibility quorum.
+    """
+
     rule: str
     policy_sha256: str
     mode: str = "automated"
+    approvals: tuple[tuple[str, str], ...] = ()
+    request_id: str | None = None
+    builders: tuple[tuple[str, str], ...] | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        policy: dict[str, Any] = {
+            "approvals": [
+                {"key_id": key_id, "signature": signature}
+                for key_id, signature in self.approvals
+            ],
+            "mode": self.mode,
+            "policy_sha256": self.policy_sha256,
+            "rule": self.rule,
+        }
+        if self.request_id is not None:
+            policy["request_id"] = self.request_id
+        if self.builders is not None:
+            policy["builders"] = [
+                {"issuer": issuer, "subject": subject}
+                for issuer, subject in self.builders
+            ]
+        return policy
 
 
 def _claims(request: SubmitRequest) -> dict[str, Any]:
@@ -63,12 +91,7 @@ def build_leaf(
         "issuer": identity.issuer,
         "subject": identity.subject,
     }
-    leaf["policy"] = {
-        "approvals": [],
-        "mode": decision.mode,
-        "policy_sha256": decision.policy_sha256,
-        "rule": decision.rule,
-    }
+    leaf["policy"] = decision.as_json()
     leaf["signature"] = {
         "algorithm": signer.algorithm,
         "key_id": signer.key_id,

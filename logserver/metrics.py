@@ -46,6 +46,30 @@ class Metrics:
             ["reason"],
             registry=self.registry,
         )
+        self.decisions = Counter(
+            "logserver_policy_decisions",
+            "Policy decisions recorded in the audit table, by decision.",
+            ["decision"],
+            registry=self.registry,
+        )
+        self.quorum_conflicts = Counter(
+            "logserver_quorum_conflicts",
+            "Builders that reported another digest for the same artifact and "
+            "commit than the quorum: alert on any increase.",
+            ["rule"],
+            registry=self.registry,
+        )
+        self.rate_limited = Counter(
+            "logserver_rate_limited",
+            "Requests refused with 429 because the caller was over its limit.",
+            registry=self.registry,
+        )
+        self.policy_reloads = Counter(
+            "logserver_policy_reloads",
+            "Policy reloads (SIGHUP), by result: ok or failed.",
+            ["result"],
+            registry=self.registry,
+        )
         self.requests = Histogram(
             "logserver_request_seconds",
             "HTTP request latency by route and status.",

@@ -59,3 +59,17 @@ class BatchSubmitRequest(_Strict):
     """Many digests in one request; answered when all are logged."""
 
     entries: list[SubmitRequest] = Field(min_length=1, max_length=MAX_BATCH_ENTRIES)
+
+
+class VoteRequest(_Strict):
+    """An approver's approval or rejection of a parked request."""
+
+    key_id: Sha256Hex = Field(
+        description="The approver key's ID: hex SHA-256 of its DER public key."
+    )
+    signature: str = Field(
+        min_length=4,
+        max_length=1024,
+        pattern=r"^[A-Za-z0-9+/]+={0,2}$",
+        description="Base64 signature over the request's approval message.",
+    )

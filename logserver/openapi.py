@@ -11,7 +11,7 @@ from typing import Any
 from aiohttp import web
 
 from logserver import __name__ as _package
-from logserver.models import BatchSubmitRequest, SubmitRequest
+from logserver.models import BatchSubmitRequest, SubmitRequest, VoteRequest
 
 _ERROR = {
     "type": "object",
@@ -101,14 +101,94 @@ def _int_query(name: str, description: str, required: bool = False) -> dict[str,
     }
 
 
+_REQUEST = {
+    "type": "object",
+    "description": "A parked request (SPEC.md section 9.6).",
+    "required": [
+        "request_id",
+        "state",
+        "origin",
+        "rule",
+        "mode",
+        "policy_sha256",
+        "created",
+        "expires",
+        "request",
+        "reasons",
+    ],
+    "properties": {
+        "request_id": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
+        "state": {
+            "type": "string",
+            "enum": [
+                "collecting",
+                "pending",
+                "approved",
+                "logged",
+                "denied",
+                "rejected",
+                "expired",
+            ],
+        },
+        "origin": {"type": "string"},
+        "rule": {"type": "string"},
+        "mode": {"type": "string", "enum": ["automated", "ceremonial"]},
+        "policy_sha256": {"type": "string"},
+        "created": {"type": "integer"},
+        "expires": {"type": "integer"},
+        "request": {"type": "object"},
+        "reasons": {"type": "array", "items": {"type": "object"}},
+        "quorum": {"type": "object"},
+        "ceremony": {"type": "object"},
+        "entry_index": {"type": "integer"},
+        "entry": {"$ref": "#/components/schemas/Entry"},
+    },
+}
+
+_REQUEST_ID_PARAM = {
+    "name": "id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
+}
+
 _WRITE_ERRORS = {
     "400": _error("The body is not JSON."),
     "401": _error("No valid bearer token."),
+    "403": _error("The policy denies the request; details lists the reasons."),
     "413": _error("The body is too large."),
     "415": _error("The body is not application/json."),
     "422": _error("The body does not match the schema, or names an unknown key."),
+    "429": _error("The caller is over its rate limit; retry after Retry-After."),
     "503": _error("Overloaded or a dependency is down; retry after Retry-After."),
 }
+
+_VOTE_ERRORS = {
+    "400": _error("The body is not JSON."),
+    "403": _error("Not an approver of this request, or a bad signature."),
+    "404": _error("No such request."),
+    "409": _error("The request is not waiting for approvals."),
+    "415": _error("The body is not application/json."),
+    "422": _error("The body does not match the schema."),
+    "503": _error("Overloaded or a dependency is down; retry after Retry-After."),
+}
+
+
+def _vote(summary: str) -> dict[str, Any]:
+    return {
+        "post": {
+            "summary": summary,
+            "parameters": [_REQUEST_ID_PARAM],
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": _ref("VoteRequest")}},
+            },
+            "responses": {
+                "200": _json(_ref("Request"), "Recorded; the request as it is now."),
+                **_VOTE_ERRORS,
+            },
+        }
+    }
 
 
 def document() -> dict[str, Any]:
@@ -118,12 +198,17 @@ def document() -> dict[str, Any]:
     batch_schema = BatchSubmitRequest.model_json_schema(
         ref_template="#/components/schemas/{model}"
     )
+    vote_schema = VoteRequest.model_json_schema(
+        ref_template="#/components/schemas/{model}"
+    )
     schemas: dict[str, Any] = {}
-    for schema in (submit_schema, batch_schema):
+    for schema in (submit_schema, batch_schema, vote_schema):
         schemas.update(schema.pop("$defs", {}))
     schemas.update(
         SubmitRequest=submit_schema,
         BatchSubmitRequest=batch_schema,
+        VoteRequest=vote_schema,
+        Request=_REQUEST,
         Error=_ERROR,
         InclusionProof=_PROOF,
         Entry=_ENTRY,
@@ -141,7 +226,71 @@ def document() -> dict[str, Any]:
                 "responses": {
                     "201": _json(_ref("Entry"), "Logged: a new entry."),
                     "200": _json(_ref("Entry"), "Already logged: the existing entry."),
+                    "202": _json(
+                        _ref("Request"),
+                        "Parked: waiting for a quorum or approvals; poll Location.",
+                    ),
                     **_WRITE_ERRORS,
+                },
+            }
+        },
+        "/api/v1/requests/{id}": {
+            "get": {
+                "summary": "A parked request, and its entry once logged",
+                "parameters": [_REQUEST_ID_PARAM],
+                "responses": {
+                    "200": _json(_ref("Request"), "The request."),
+                    "404": _error("No such request."),
+                },
+            }
+        },
+        "/api/v1/requests/{id}/approve": _vote(
+            "Approve a parked ceremonial request with an approver key's signature"
+        ),
+        "/api/v1/requests/{id}/reject": _vote(
+            "Reject a parked ceremonial request with an approver key's signature"
+        ),
+        "/api/v1/audit": {
+            "get": {
+                "summary": "Policy decisions, oldest first (admin token)",
+                "security": [{"bearer": []}],
+                "parameters": [
+                    _int_query("after", "Records with an ID above this; 0 if absent."),
+                    _int_query("limit", "At most this many, 1 to 1000; 100 if absent."),
+                    {
+                        "name": "decision",
+                        "in": "query",
+                        "required": False,
+                        "description": "Only records with this decision.",
+                        "schema": {
+                            "type": "string",
+                            "enum": [
+                                "allowed",
+                                "denied",
+                                "pending",
+                                "approval",
+                                "rejection",
+                            ],
+                        },
+                    },
+                ],
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["records", "next"],
+                            "properties": {
+                                "records": {
+                                    "type": "array",
+                                    "items": {"type": "object"},
+                                },
+                                "next": {"type": "integer"},
+                            },
+                        },
+                        "Audit records; pass next as after for more.",
+                    ),
+                    "400": _error("Bad parameters."),
+                    "401": _error("No valid admin token."),
                 },
             }
         },

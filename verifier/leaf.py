@@ -60,6 +60,7 @@ def _canonical_base64(value: str) -> str:
 
 
 Hex64 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+RequestId = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
 Base64 = Annotated[str, AfterValidator(_canonical_base64)]
 ArtifactName = Annotated[
     str,
@@ -103,12 +104,25 @@ class Approval(_Model):
     signature: Base64
 
 
+class Builder(_Model):
+    """One builder that reported the artifact's digest for a quorum."""
+
+    issuer: str
+    subject: str
+
+
 class Policy(_Model):
-    """The policy decision that allowed the signature."""
+    """The policy decision that allowed the signature.
+
+    `request_id` names the parked request a ceremonial or quorum signature
+    completed; `builders` lists the distinct builders of a quorum.
+    """
 
     approvals: tuple[Approval, ...] = ()
+    builders: tuple[Builder, ...] | None = None
     mode: Literal["automated", "ceremonial"]
     policy_sha256: Hex64
+    request_id: RequestId | None = None
     rule: str
 
 

@@ -9,7 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from logserver.storage.base import (
+    AuditRow,
     EntryRow,
+    RequestRow,
+    RequestUpdate,
     Storage,
     StorageError,
     StorageUnavailable,
@@ -18,7 +21,10 @@ from logserver.storage.base import (
 )
 
 __all__ = [
+    "AuditRow",
     "EntryRow",
+    "RequestRow",
+    "RequestUpdate",
     "Storage",
     "StorageError",
     "StorageUnavailable",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -37,6 +37,40 @@ class StoredState:
     root: bytes
     leaf_hashes: bytes
     checkpoint: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRow:
+    """One policy decision as the audit table holds it; `record` is JSON."""
+
+    time: int
+    decision: str
+    issuer: str
+    subject: str
+    rule: str | None
+    request_id: str | None
+    record: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRow:
+    """A parked request (quorum or ceremony); `record` is its JSON state.
+
+    `lookup` finds the open request for a quorum group or a repeated
+    submission; it is unique among rows, and cleared when the request ends
+    without an entry, so that a later request can take it.
+    """
+
+    id: str
+    lookup: str | None
+    state: str
+    expires: int
+    record: bytes
+
+
+# Given the row found (or None), the rows to write, in order, in the same
+# transaction. It runs while the row is locked, so it must not block or await.
+RequestUpdate = Callable[[RequestRow | None], Sequence[RequestRow]]
 
 
 class Storage(Protocol):
@@ -77,3 +111,26 @@ class Storage(Protocol):
     async def find_leaf_hash(self, leaf_hash: bytes) -> int | None: ...
 
     async def find_artifact(self, sha256: bytes, limit: int) -> list[int]: ...
+
+    async def append_audit(self, rows: Sequence[AuditRow]) -> None:
+        """Store audit records, in order, in one transaction."""
+
+    async def list_audit(
+        self, after: int, limit: int, decision: str | None = None
+    ) -> list[tuple[int, AuditRow]]:
+        """Audit records with an ID above `after`, oldest first."""
+
+    async def get_request(self, request_id: str) -> RequestRow | None: ...
+
+    async def update_request(
+        self,
+        update: RequestUpdate,
+        *,
+        request_id: str | None = None,
+        lookup: str | None = None,
+    ) -> list[RequestRow]:
+        """Find a request by ID or lookup, locked; write what `update` returns.
+
+        Concurrent updates of one request (or one lookup) are serialized, on
+        one server or several.
+        """

@@ -17,7 +17,10 @@ from typing import Any, TypeVar
 import asyncpg
 
 from logserver.storage.base import (
+    AuditRow,
     EntryRow,
+    RequestRow,
+    RequestUpdate,
     StorageError,
     StorageUnavailable,
     StoredState,
@@ -29,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -58,7 +61,41 @@ CREATE TABLE IF NOT EXISTS tree (
     checkpoint_size BIGINT NOT NULL,
     checkpoint BYTEA
 );
+CREATE TABLE IF NOT EXISTS audit (
+    id BIGSERIAL PRIMARY KEY,
+    time BIGINT NOT NULL,
+    decision TEXT NOT NULL,
+    issuer TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    rule TEXT,
+    request_id TEXT,
+    record BYTEA NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_decision ON audit (decision, id);
+CREATE TABLE IF NOT EXISTS requests (
+    id TEXT PRIMARY KEY,
+    lookup TEXT UNIQUE,
+    state TEXT NOT NULL,
+    expires BIGINT NOT NULL,
+    record BYTEA NOT NULL
+);
 """
+
+# Serializes updates of one request lookup across servers (with hashtext).
+_LOOKUP_LOCK = 7468297
+
+
+def _request_row(row: Any) -> RequestRow | None:
+    if row is None:
+        return None
+    return RequestRow(
+        row["id"],
+        row["lookup"],
+        row["state"],
+        int(row["expires"]),
+        bytes(row["record"]),
+    )
+
 
 # Errors after which the same call can succeed once the server is back.
 _TRANSIENT: tuple[type[BaseException], ...] = (
@@ -302,3 +339,110 @@ class PostgresStorage:
             return [int(r["idx"]) for r in rows]
 
         return await self._with_conn(find)
+
+    async def append_audit(self, rows: Sequence[AuditRow]) -> None:
+        if not rows:
+            return
+
+        async def write(conn: Any) -> None:
+            await conn.execute(
+                "INSERT INTO audit (time, decision, issuer, subject, rule, "
+                "request_id, record) SELECT * FROM unnest($1::bigint[], $2::text[], "
+                "$3::text[], $4::text[], $5::text[], $6::text[], $7::bytea[])",
+                [r.time for r in rows],
+                [r.decision for r in rows],
+                [r.issuer for r in rows],
+                [r.subject for r in rows],
+                [r.rule for r in rows],
+                [r.request_id for r in rows],
+                [r.record for r in rows],
+            )
+
+        await self._with_conn(write)
+
+    async def list_audit(
+        self, after: int, limit: int, decision: str | None = None
+    ) -> list[tuple[int, AuditRow]]:
+        async def get(conn: Any) -> list[tuple[int, AuditRow]]:
+            rows = await conn.fetch(
+                "SELECT id, time, decision, issuer, subject, rule, request_id, record "
+                "FROM audit WHERE id > $1 AND ($2::text IS NULL OR decision = $2) "
+                "ORDER BY id LIMIT $3",
+                after,
+                decision,
+                limit,
+            )
+            return [
+                (
+                    int(r["id"]),
+                    AuditRow(
+                        int(r["time"]),
+                        r["decision"],
+                        r["issuer"],
+                        r["subject"],
+                        r["rule"],
+                        r["request_id"],
+                        bytes(r["record"]),
+                    ),
+                )
+                for r in rows
+            ]
+
+        return await self._with_conn(get)
+
+    async def get_request(self, request_id: str) -> RequestRow | None:
+        async def get(conn: Any) -> RequestRow | None:
+            row = await conn.fetchrow(
+                "SELECT id, lookup, state, expires, record FROM requests WHERE id = $1",
+                request_id,
+            )
+            return _request_row(row)
+
+        return await self._with_conn(get)
+
+    async def update_request(
+        self,
+        update: RequestUpdate,
+        *,
+        request_id: str | None = None,
+        lookup: str | None = None,
+    ) -> list[RequestRow]:
+        if (request_id is None) == (lookup is None):
+            raise ValueError("give exactly one of request_id and lookup")
+
+        async def write(conn: Any) -> list[RequestRow]:
+            async with conn.transaction():
+                if lookup is not None:
+                    # A row lock cannot cover a lookup no row holds yet.
+                    await conn.execute(
+                        "SELECT pg_advisory_xact_lock($1, hashtext($2))",
+                        _LOOKUP_LOCK,
+                        lookup,
+                    )
+                    row = await conn.fetchrow(
+                        "SELECT id, lookup, state, expires, record FROM requests "
+                        "WHERE lookup = $1 FOR UPDATE",
+                        lookup,
+                    )
+                else:
+                    row = await conn.fetchrow(
+                        "SELECT id, lookup, state, expires, record FROM requests "
+                        "WHERE id = $1 FOR UPDATE",
+                        request_id,
+                    )
+                rows = list(update(_request_row(row)))
+                for r in rows:
+                    await conn.execute(
+                        "INSERT INTO requests VALUES ($1, $2, $3, $4, $5) "
+                        "ON CONFLICT (id) DO UPDATE SET lookup = excluded.lookup, "
+                        "state = excluded.state, expires = excluded.expires, "
+                        "record = excluded.record",
+                        r.id,
+                        r.lookup,
+                        r.state,
+                        r.expires,
+                        r.record,
+                    )
+            return rows
+
+        return await self._with_conn(write)

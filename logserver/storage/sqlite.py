@@ -18,7 +18,10 @@ from pathlib import Path
 from typing import TypeVar
 
 from logserver.storage.base import (
+    AuditRow,
     EntryRow,
+    RequestRow,
+    RequestUpdate,
     StorageError,
     StorageUnavailable,
     StoredState,
@@ -30,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -59,7 +62,41 @@ CREATE TABLE IF NOT EXISTS tree (
     checkpoint_size INTEGER NOT NULL,
     checkpoint BLOB
 );
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    time INTEGER NOT NULL,
+    decision TEXT NOT NULL,
+    issuer TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    rule TEXT,
+    request_id TEXT,
+    record BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_decision ON audit (decision, id);
+CREATE TABLE IF NOT EXISTS requests (
+    id TEXT PRIMARY KEY,
+    lookup TEXT UNIQUE,
+    state TEXT NOT NULL,
+    expires INTEGER NOT NULL,
+    record BLOB NOT NULL
+);
 """
+
+_REQUEST_COLUMNS = "id, lookup, state, expires, record"
+
+
+def _request_row(row: tuple[object, ...] | None) -> RequestRow | None:
+    if row is None:
+        return None
+    rid, lookup, state, expires, record = row
+    return RequestRow(
+        str(rid),
+        None if lookup is None else str(lookup),
+        str(state),
+        int(expires),  # type: ignore[call-overload]
+        bytes(record),  # type: ignore[call-overload]
+    )
+
 
 _READ_THREADS = 2
 
@@ -285,3 +322,100 @@ class SqliteStorage:
             return [int(idx) for (idx,) in rows]
 
         return await self._read(find)
+
+    async def append_audit(self, rows: Sequence[AuditRow]) -> None:
+        if not rows:
+            return
+
+        def write(conn: sqlite3.Connection) -> None:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.executemany(
+                    "INSERT INTO audit (time, decision, issuer, subject, rule, "
+                    "request_id, record) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [
+                        (
+                            r.time,
+                            r.decision,
+                            r.issuer,
+                            r.subject,
+                            r.rule,
+                            r.request_id,
+                            r.record,
+                        )
+                        for r in rows
+                    ],
+                )
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+        await self._write(write)
+
+    async def list_audit(
+        self, after: int, limit: int, decision: str | None = None
+    ) -> list[tuple[int, AuditRow]]:
+        def get(conn: sqlite3.Connection) -> list[tuple[int, AuditRow]]:
+            rows = conn.execute(
+                "SELECT id, time, decision, issuer, subject, rule, request_id, record "
+                "FROM audit WHERE id > ? AND (? IS NULL OR decision = ?) "
+                "ORDER BY id LIMIT ?",
+                (after, decision, decision, limit),
+            )
+            return [
+                (int(r[0]), AuditRow(r[1], r[2], r[3], r[4], r[5], r[6], bytes(r[7])))
+                for r in rows
+            ]
+
+        return await self._read(get)
+
+    async def get_request(self, request_id: str) -> RequestRow | None:
+        def get(conn: sqlite3.Connection) -> RequestRow | None:
+            row = conn.execute(
+                f"SELECT {_REQUEST_COLUMNS} FROM requests WHERE id = ?",  # noqa: S608 (constant columns)
+                (request_id,),
+            ).fetchone()
+            return _request_row(row)
+
+        return await self._read(get)
+
+    async def update_request(
+        self,
+        update: RequestUpdate,
+        *,
+        request_id: str | None = None,
+        lookup: str | None = None,
+    ) -> list[RequestRow]:
+        if (request_id is None) == (lookup is None):
+            raise ValueError("give exactly one of request_id and lookup")
+
+        # The single writer thread serializes every update.
+        def write(conn: sqlite3.Connection) -> list[RequestRow]:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                column, value = (
+                    ("id", request_id) if lookup is None else ("lookup", lookup)
+                )
+                found = _request_row(
+                    conn.execute(
+                        f"SELECT {_REQUEST_COLUMNS} FROM requests WHERE {column} = ?",  # noqa: S608 (constant names)
+                        (value,),
+                    ).fetchone()
+                )
+                rows = list(update(found))
+                for row in rows:
+                    conn.execute(
+                        "INSERT INTO requests VALUES (?, ?, ?, ?, ?) "
+                        "ON CONFLICT (id) DO UPDATE SET lookup = excluded.lookup, "
+                        "state = excluded.state, expires = excluded.expires, "
+                        "record = excluded.record",
+                        (row.id, row.lookup, row.state, row.expires, row.record),
+                    )
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+            return rows
+
+        return await self._write(write)
