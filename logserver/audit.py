@@ -115,10 +115,16 @@ class AuditLog:
 
     async def record(self, decision: Decision) -> None:
         """Store one decision durably; raise `Unavailable` if storage fails."""
+        await self.record_many([decision])
+
+    async def record_many(self, decisions: Sequence[Decision]) -> None:
+        """Store decisions durably, in one group; one wait for all of them."""
         if self._task is None:
             raise Unavailable("the log is not accepting requests", retry_after=5)
-        future = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((decision.row(int(time.time())), future))
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        now = int(time.time())
+        for decision in decisions:
+            self._queue.put_nowait((decision.row(now), future))
         await asyncio.shield(future)
 
     async def _writer(self) -> None:

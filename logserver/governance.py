@@ -231,8 +231,12 @@ class Governance:
         return name, signer
 
     async def _record(self, decision: Decision) -> None:
-        self.metrics.decisions.labels(decision.decision).inc()
-        await self.audit.record(decision)
+        await self._record_many([decision])
+
+    async def _record_many(self, decisions: Sequence[Decision]) -> None:
+        for decision in decisions:
+            self.metrics.decisions.labels(decision.decision).inc()
+        await self.audit.record_many(decisions)
 
     async def _deny(
         self,
@@ -360,22 +364,21 @@ class Governance:
                 f"{len(planned)} entries; nothing was signed",
                 details=problems,
             )
-        records = [
-            self._record(
-                Decision(
-                    ALLOWED,
-                    identity,
-                    request,
-                    evaluation.rule_name,
-                    evaluation.policy_sha256,
-                )
+        allowed = [
+            Decision(
+                ALLOWED,
+                identity,
+                request,
+                evaluation.rule_name,
+                evaluation.policy_sha256,
             )
             for request, evaluation, _ in planned
         ]
         submissions = [s for *_, s in planned if s is not None]
-        signed = asyncio.gather(*(self.sequencer.submit(s) for s in submissions))
-        _, results = await asyncio.gather(asyncio.gather(*records), signed)
-        return list(results)
+        _, results = await asyncio.gather(
+            self._record_many(allowed), self.sequencer.submit_many(submissions)
+        )
+        return results
 
     # Parked requests.
 

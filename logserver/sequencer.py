@@ -143,25 +143,35 @@ class Sequencer:
 
     async def submit(self, submission: Submission) -> Integrated:
         """Queue a submission and wait until it is covered by a checkpoint."""
-        inflight = self._inflight.get(submission.dedup_key)
-        if inflight is not None:
-            result = await asyncio.shield(inflight)
-            return Integrated(result.index, result.leaf, result.checkpoint, False)
+        self._check_room(1)
+        # Shielded: a client that goes away must not cancel the batch's work.
+        return await asyncio.shield(self._enqueue(submission))
+
+    async def submit_many(self, submissions: Sequence[Submission]) -> list[Integrated]:
+        """Queue all of a batch request, or none of it if the queue is too full."""
+        self._check_room(len(submissions))
+        futures = [self._enqueue(s) for s in submissions]
+        return list(await asyncio.shield(asyncio.gather(*futures)))
+
+    def _check_room(self, count: int) -> None:
         if not self._accepting:
             raise Unavailable("the log is not accepting submissions", retry_after=5)
-        submission.future = asyncio.get_running_loop().create_future()
-        try:
-            self._queue.put_nowait(submission)
-        except asyncio.QueueFull:
+        if self._queue.maxsize - self._queue.qsize() < count:
             raise Unavailable(
                 "too many submissions are waiting; retry shortly", retry_after=1
-            ) from None
+            )
+
+    def _enqueue(self, submission: Submission) -> asyncio.Future[Integrated]:
         key = submission.dedup_key
+        inflight = self._inflight.get(key)
+        if inflight is not None:
+            return _as_duplicate(inflight)
+        submission.future = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(submission)
         self._inflight[key] = submission.future
         submission.future.add_done_callback(lambda _: self._inflight.pop(key, None))
         self.metrics.pending.set(self._queue.qsize())
-        # Shielded: a client that goes away must not cancel the batch's work.
-        return await asyncio.shield(submission.future)
+        return submission.future
 
     # Loading and resynchronising with storage.
 
@@ -320,9 +330,9 @@ class Sequencer:
         assert checkpoint is not None
 
         for offset, (s, row) in enumerate(batch.new):
-            s.future.set_result(Integrated(start + offset, row.leaf, checkpoint, True))
+            _settle(s.future, Integrated(start + offset, row.leaf, checkpoint, True))
         for s, index in batch.existing:
-            s.future.set_result(Integrated(index, None, checkpoint, False))
+            _settle(s.future, Integrated(index, None, checkpoint, False))
 
         elapsed = time.perf_counter() - began
         self.metrics.entries.inc(len(batch.new))
@@ -349,6 +359,32 @@ class Sequencer:
         for s in batch:
             if not s.future.done():
                 s.future.set_exception(error)
+
+
+def _settle(future: asyncio.Future[Integrated], result: Integrated) -> None:
+    if not future.done():
+        future.set_result(result)
+
+
+def _as_duplicate(original: asyncio.Future[Integrated]) -> asyncio.Future[Integrated]:
+    """A future for a request identical to one in flight: same entry, not new."""
+    duplicate: asyncio.Future[Integrated] = asyncio.get_running_loop().create_future()
+
+    def copy(done: asyncio.Future[Integrated]) -> None:
+        if duplicate.done():
+            return
+        if done.cancelled():
+            duplicate.cancel()
+        elif (error := done.exception()) is not None:
+            duplicate.set_exception(error)
+        else:
+            first = done.result()
+            duplicate.set_result(
+                Integrated(first.index, first.leaf, first.checkpoint, False)
+            )
+
+    original.add_done_callback(copy)
+    return duplicate
 
 
 def _as_api_error(exc: BaseException) -> BaseException:

@@ -17,6 +17,9 @@ from verifier.tiles import TILE_WIDTH
 
 TILE_HEIGHT = 8
 
+# Proofs against old tree sizes add entries too; bound the memo's size.
+_MAX_PARTIAL = 4096
+
 
 class MerkleTree:
     """An append-only RFC 6962 tree with every complete subtree hash stored."""
@@ -24,6 +27,9 @@ class MerkleTree:
     def __init__(self) -> None:
         self._levels: list[bytearray] = [bytearray()]
         self._size = 0
+        # Hashes of incomplete subtrees (on a tree's right edge), which every
+        # proof for the same tree size shares; dropped when the tree changes.
+        self._partial: dict[tuple[int, int], bytes] = {}
 
     @classmethod
     def from_leaf_hashes(cls, hashes: bytes) -> MerkleTree:
@@ -50,6 +56,7 @@ class MerkleTree:
     def append(self, leaf_hashes: Iterable[bytes]) -> None:
         """Add leaves, completing every subtree that each new leaf closes."""
         levels = self._levels
+        self._partial.clear()
         for leaf in leaf_hashes:
             levels[0] += leaf
             self._size += 1
@@ -69,6 +76,7 @@ class MerkleTree:
         for height, level in enumerate(self._levels):
             del level[(size >> height) * HASH_SIZE :]
         self._size = size
+        self._partial.clear()
 
     def node(self, height: int, index: int) -> bytes:
         """The hash of the complete subtree of `height` at position `index`."""
@@ -88,32 +96,43 @@ class MerkleTree:
         height = size.bit_length() - 1
         if size == 1 << height and start % size == 0:
             return self.node(height, start >> height)
-        split = 1 << ((size - 1).bit_length() - 1)
-        return node_hash(
-            self.subtree_hash(start, start + split),
-            self.subtree_hash(start + split, end),
-        )
+        cached = self._partial.get((start, end))
+        if cached is None:
+            split = 1 << ((size - 1).bit_length() - 1)
+            cached = node_hash(
+                self.subtree_hash(start, start + split),
+                self.subtree_hash(start + split, end),
+            )
+            if len(self._partial) > _MAX_PARTIAL:
+                self._partial.clear()
+            self._partial[(start, end)] = cached
+        return cached
 
     def root(self, size: int | None = None) -> bytes:
         return self.subtree_hash(0, self._size if size is None else size)
 
     def inclusion_proof(self, index: int, size: int) -> list[bytes]:
-        """PATH(m, D[0:n]), RFC 9162 section 2.1.3.1."""
+        """PATH(m, D[0:n]), RFC 9162 section 2.1.3.1.
+
+        Walked bottom up: at each height the sibling of the subtree holding
+        the leaf is a stored node, or, on the right edge, an incomplete
+        subtree (memoized); a sibling past the end of the tree is skipped,
+        as the RFC's left-balanced tree has no node there.
+        """
         if not 0 <= index < size <= self._size:
             raise ValueError(f"no inclusion proof for leaf {index} in a tree of {size}")
         proof: list[bytes] = []
-        start, end = 0, size
-        # Walk down from the root, collecting siblings; the RFC lists them
-        # leaf first, so reverse at the end.
-        while end - start > 1:
-            split = 1 << ((end - start - 1).bit_length() - 1)
-            if index < start + split:
-                proof.append(self.subtree_hash(start + split, end))
-                end = start + split
-            else:
-                proof.append(self.subtree_hash(start, start + split))
-                start += split
-        proof.reverse()
+        height = 0
+        while (1 << height) < size:
+            sibling = (index >> height) ^ 1
+            start = sibling << height
+            if start < size:
+                end = start + (1 << height)
+                if end <= size:
+                    proof.append(self.node(height, sibling))
+                else:
+                    proof.append(self.subtree_hash(start, size))
+            height += 1
         return proof
 
     def consistency_proof(self, old_size: int, new_size: int) -> list[bytes]:
