@@ -224,16 +224,25 @@ class Sequencer:
             await self._load()
         elif self.published is None or self.published.size != self.tree.size:
             await self._publish()
+        elif state.checkpoint != self.published.note:
+            await self._store(self.published)
         self._resync_needed = False
 
     async def _publish(self) -> None:
+        await self._store(await self._sign_checkpoint())
+
+    async def _sign_checkpoint(self) -> PublishedCheckpoint:
+        """Sign the committed tree and serve it from now on."""
         size, root = self.tree.size, self.tree.root()
         body = Checkpoint(self.origin, size, root).to_text()
         signature = await self.checkpoint_signer.sign(body.encode())
         note = format_note(body, [NoteSignature(self.origin, self._key_id, signature)])
-        await self.storage.store_checkpoint(size, note)
         self.published = PublishedCheckpoint(size, root, note)
         self.metrics.tree_size.set(size)
+        return self.published
+
+    async def _store(self, checkpoint: PublishedCheckpoint) -> None:
+        await self.storage.store_checkpoint(checkpoint.size, checkpoint.note)
 
     # The two stages.
 
@@ -320,19 +329,11 @@ class Sequencer:
                 self.tree.truncate(start)
                 self._resync_needed = True
                 raise
-        if self.published is None or self.published.size != self.tree.size:
-            try:
-                await self._publish()
-            except BaseException:
-                self._resync_needed = True
-                raise
         checkpoint = self.published
+        unstored = checkpoint is None or checkpoint.size != self.tree.size
+        if unstored:
+            checkpoint = await self._sign_checkpoint()
         assert checkpoint is not None
-
-        for offset, (s, row) in enumerate(batch.new):
-            _settle(s.future, Integrated(start + offset, row.leaf, checkpoint, True))
-        for s, index in batch.existing:
-            _settle(s.future, Integrated(index, None, checkpoint, False))
 
         elapsed = time.perf_counter() - began
         self.metrics.entries.inc(len(batch.new))
@@ -349,6 +350,23 @@ class Sequencer:
                     "seconds": round(elapsed, 6),
                 },
             )
+
+        # The answer needs durable entries and a signed checkpoint, not a
+        # stored one: a checkpoint is a deterministic function of the
+        # committed tree and the key, and a restart signs the same one again.
+        for offset, (s, row) in enumerate(batch.new):
+            _settle(s.future, Integrated(start + offset, row.leaf, checkpoint, True))
+        for s, index in batch.existing:
+            _settle(s.future, Integrated(index, None, checkpoint, False))
+        if unstored:
+            try:
+                await self._store(checkpoint)
+            except Exception as exc:
+                self._resync_needed = True
+                logger.warning(
+                    "cannot store the checkpoint; will store it with the next batch",
+                    extra={"tree_size": checkpoint.size, "error": repr(exc)},
+                )
 
     def _fail(self, batch: Sequence[Submission], exc: BaseException) -> None:
         error = _as_api_error(exc)

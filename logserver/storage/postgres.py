@@ -8,6 +8,7 @@ the pool reconnects by itself once the server is back.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -187,8 +188,14 @@ class PostgresStorage:
 
     async def close(self) -> None:
         if self._pool is not None:
-            await self._pool.close()
-            self._pool = None
+            pool, self._pool = self._pool, None
+            try:
+                # A connection stuck on a dead server would hold close() forever.
+                async with asyncio.timeout(self._timeout):
+                    await pool.close()
+            except TimeoutError:
+                logger.warning("PostgreSQL pool did not close in time; terminating")
+                pool.terminate()
 
     async def get_meta(self, key: str) -> str | None:
         async def get(conn: Any) -> str | None:
