@@ -74,7 +74,7 @@ from logserver.policy import (
 )
 from logserver.ratelimit import RateLimiter
 from logserver.sequencer import Integrated, Sequencer, Submission
-from logserver.storage import RequestRow, Storage
+from logserver.storage import AuditRow, RequestRow, Storage
 from signer.keys import ArtifactSigner
 from verifier.approvals import Decision as Vote
 from verifier.errors import VerificationError
@@ -230,6 +230,11 @@ class Governance:
             raise Unprocessable(f"no artifact key named {name!r}; known: {known}")
         return name, signer
 
+    def _audit_row(self, decision: Decision) -> AuditRow:
+        """An allowed decision's row, stored by the sequencer with its entry."""
+        self.metrics.decisions.labels(decision.decision).inc()
+        return decision.row(int(time.time()))
+
     async def _record(self, decision: Decision) -> None:
         await self._record_many([decision])
 
@@ -301,10 +306,8 @@ class Governance:
             allowed = Decision(
                 ALLOWED, identity, request, rule.name, evaluation.policy_sha256
             )
-            _, result = await asyncio.gather(
-                self._record(allowed), self.sequencer.submit(submission)
-            )
-            return Signed(result)
+            submission.audit = self._audit_row(allowed)
+            return Signed(await self.sequencer.submit(submission))
         return await self._park(identity, body, evaluation, rule, signer, key)
 
     async def submit_batch(
@@ -364,21 +367,20 @@ class Governance:
                 f"{len(planned)} entries; nothing was signed",
                 details=problems,
             )
-        allowed = [
-            Decision(
-                ALLOWED,
-                identity,
-                request,
-                evaluation.rule_name,
-                evaluation.policy_sha256,
+        submissions = []
+        for request, evaluation, submission in planned:
+            assert submission is not None  # every element was allowed
+            submission.audit = self._audit_row(
+                Decision(
+                    ALLOWED,
+                    identity,
+                    request,
+                    evaluation.rule_name,
+                    evaluation.policy_sha256,
+                )
             )
-            for request, evaluation, _ in planned
-        ]
-        submissions = [s for *_, s in planned if s is not None]
-        _, results = await asyncio.gather(
-            self._record_many(allowed), self.sequencer.submit_many(submissions)
-        )
-        return results
+            submissions.append(submission)
+        return await self.sequencer.submit_many(submissions)
 
     # Parked requests.
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from logserver.errors import Unavailable
 from logserver.metrics import Metrics
 from logserver.storage import (
+    AuditRow,
     EntryRow,
     Storage,
     StorageError,
@@ -69,6 +70,9 @@ class Submission:
     sign: Callable[[Sequence[bytes]], Awaitable[list[bytes]]]
     signer_name: str
     build_leaf: LeafBuilder
+    # The decision that allowed it, stored in the same transaction as the
+    # entry, so the answer waits for one commit, not two.
+    audit: AuditRow | None = None
     future: asyncio.Future[Integrated] = field(init=False)
 
 
@@ -102,6 +106,7 @@ class Sequencer:
 
         self._key_id = ed25519_key_id(self.origin, checkpoint_signer.public_key)
         self._queue: asyncio.Queue[Submission] = asyncio.Queue(max_pending)
+        metrics.pending.set_function(self._queue.qsize)
         self._signed: asyncio.Queue[_Batch] = asyncio.Queue(2)
         self._inflight: dict[bytes, asyncio.Future[Integrated]] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -165,13 +170,24 @@ class Sequencer:
         key = submission.dedup_key
         inflight = self._inflight.get(key)
         if inflight is not None:
-            return _as_duplicate(inflight)
+            return asyncio.ensure_future(self._duplicate(inflight, submission.audit))
         submission.future = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(submission)
         self._inflight[key] = submission.future
         submission.future.add_done_callback(lambda _: self._inflight.pop(key, None))
-        self.metrics.pending.set(self._queue.qsize())
         return submission.future
+
+    async def _duplicate(
+        self, original: asyncio.Future[Integrated], audit: AuditRow | None
+    ) -> Integrated:
+        """The answer to a request identical to one in flight: the same entry."""
+        first = await asyncio.shield(original)
+        if audit is not None:
+            try:
+                await self.storage.append_audit([audit])
+            except Exception as exc:
+                raise _as_api_error(exc) from exc
+        return Integrated(first.index, first.leaf, first.checkpoint, False)
 
     # Loading and resynchronising with storage.
 
@@ -252,7 +268,6 @@ class Sequencer:
         if len(batch) < self.max_batch and self.linger > 0:
             await asyncio.sleep(self.linger)
             self._drain_into(batch)
-        self.metrics.pending.set(self._queue.qsize())
         return batch
 
     def _drain_into(self, batch: list[Submission]) -> None:
@@ -316,7 +331,8 @@ class Sequencer:
         if self._resync_needed:
             await self._resync()
         start = self.tree.size
-        if batch.new:
+        audit = [s.audit for s, _ in batch.new + batch.existing if s.audit is not None]
+        if batch.new or audit:
             self.tree.append(row.leaf_hash for _, row in batch.new)
             try:
                 await self.storage.append(
@@ -324,6 +340,7 @@ class Sequencer:
                     [row for _, row in batch.new],
                     list(self.tree.tiles_touched(start)),
                     self.tree.root(),
+                    audit,
                 )
             except BaseException:
                 self.tree.truncate(start)
@@ -382,27 +399,6 @@ class Sequencer:
 def _settle(future: asyncio.Future[Integrated], result: Integrated) -> None:
     if not future.done():
         future.set_result(result)
-
-
-def _as_duplicate(original: asyncio.Future[Integrated]) -> asyncio.Future[Integrated]:
-    """A future for a request identical to one in flight: same entry, not new."""
-    duplicate: asyncio.Future[Integrated] = asyncio.get_running_loop().create_future()
-
-    def copy(done: asyncio.Future[Integrated]) -> None:
-        if duplicate.done():
-            return
-        if done.cancelled():
-            duplicate.cancel()
-        elif (error := done.exception()) is not None:
-            duplicate.set_exception(error)
-        else:
-            first = done.result()
-            duplicate.set_result(
-                Integrated(first.index, first.leaf, first.checkpoint, False)
-            )
-
-    original.add_done_callback(copy)
-    return duplicate
 
 
 def _as_api_error(exc: BaseException) -> BaseException:

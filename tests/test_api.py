@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 from typing import Any
@@ -314,3 +315,38 @@ async def test_metrics_and_health(log_client: TestClient) -> None:
     assert "logserver_entries_total 1.0" in text
     assert 'route="/api/v1/entries",status="201"' in text
     assert "logserver_integration_seconds_count" in text
+
+
+async def test_every_allowed_request_is_audited_even_when_deduplicated(
+    log_client: TestClient,
+) -> None:
+    # Ten identical requests at once: one entry, ten allowed decisions.
+    answers = await asyncio.gather(
+        *(
+            log_client.post(
+                "/api/v1/entries",
+                json=body_for("same"),
+                headers=token_header(log_client),
+            )
+            for _ in range(10)
+        )
+    )
+    assert sorted(a.status for a in answers) == [200] * 9 + [201]
+    assert len({(await a.json())["index"] for a in answers}) == 1
+
+    batch = await log_client.post(
+        "/api/v1/entries/batch",
+        json={"entries": [body_for(f"b{i}") for i in range(5)]},
+        headers=token_header(log_client),
+    )
+    assert batch.status == 201
+
+    admin = log_state(log_client).admin_token_path.read_text().strip()
+    response = await log_client.get(
+        "/api/v1/audit",
+        params={"decision": "allowed"},
+        headers={"Authorization": f"Bearer {admin}"},
+    )
+    records = (await response.json())["records"]
+    assert len(records) == 15
+    assert {r["identity"]["subject"] for r in records} == {"bootstrap"}

@@ -98,9 +98,11 @@ class Storage(Protocol):
         entries: Sequence[EntryRow],
         tiles: Sequence[tuple[int, int, bytes]],
         root: bytes,
+        audit: Sequence[AuditRow] = (),
     ) -> None:
-        """Store entries at [start, start + len), their tiles and the new root,
-        in one transaction; raise `TreeConflict` if the tree is not `start` long.
+        """Store entries at [start, start + len), their tiles, the new root and
+        the decisions that allowed them, in one transaction; raise
+        `TreeConflict` if the tree is not `start` long.
         """
 
     async def store_checkpoint(self, size: int, checkpoint: bytes) -> None:

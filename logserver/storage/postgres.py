@@ -270,6 +270,7 @@ class PostgresStorage:
         entries: Sequence[EntryRow],
         tiles: Sequence[tuple[int, int, bytes]],
         root: bytes,
+        audit: Sequence[AuditRow] = (),
     ) -> None:
         async def write(conn: Any) -> None:
             async with conn.transaction():
@@ -296,6 +297,7 @@ class PostgresStorage:
                     [t[1] for t in tiles],
                     [t[2] for t in tiles],
                 )
+                await _insert_audit(conn, audit)
                 await conn.execute(
                     "UPDATE tree SET size = $1, root = $2 WHERE id = 1",
                     start + len(entries),
@@ -352,18 +354,7 @@ class PostgresStorage:
             return
 
         async def write(conn: Any) -> None:
-            await conn.execute(
-                "INSERT INTO audit (time, decision, issuer, subject, rule, "
-                "request_id, record) SELECT * FROM unnest($1::bigint[], $2::text[], "
-                "$3::text[], $4::text[], $5::text[], $6::text[], $7::bytea[])",
-                [r.time for r in rows],
-                [r.decision for r in rows],
-                [r.issuer for r in rows],
-                [r.subject for r in rows],
-                [r.rule for r in rows],
-                [r.request_id for r in rows],
-                [r.record for r in rows],
-            )
+            await _insert_audit(conn, rows)
 
         await self._with_conn(write)
 
@@ -453,3 +444,20 @@ class PostgresStorage:
             return rows
 
         return await self._with_conn(write)
+
+
+async def _insert_audit(conn: Any, rows: Sequence[AuditRow]) -> None:
+    if not rows:
+        return
+    await conn.execute(
+        "INSERT INTO audit (time, decision, issuer, subject, rule, "
+        "request_id, record) SELECT * FROM unnest($1::bigint[], $2::text[], "
+        "$3::text[], $4::text[], $5::text[], $6::text[], $7::bytea[])",
+        [r.time for r in rows],
+        [r.decision for r in rows],
+        [r.issuer for r in rows],
+        [r.subject for r in rows],
+        [r.rule for r in rows],
+        [r.request_id for r in rows],
+        [r.record for r in rows],
+    )

@@ -251,6 +251,7 @@ class SqliteStorage:
         entries: Sequence[EntryRow],
         tiles: Sequence[tuple[int, int, bytes]],
         root: bytes,
+        audit: Sequence[AuditRow] = (),
     ) -> None:
         def write(conn: sqlite3.Connection) -> None:
             conn.execute("BEGIN IMMEDIATE")
@@ -272,6 +273,7 @@ class SqliteStorage:
                     ],
                 )
                 conn.executemany("INSERT OR REPLACE INTO tiles VALUES (?, ?, ?)", tiles)
+                _insert_audit(conn, audit)
                 conn.execute(
                     "UPDATE tree SET size = ?, root = ? WHERE id = 1",
                     (start + len(entries), root),
@@ -330,22 +332,7 @@ class SqliteStorage:
         def write(conn: sqlite3.Connection) -> None:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                conn.executemany(
-                    "INSERT INTO audit (time, decision, issuer, subject, rule, "
-                    "request_id, record) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    [
-                        (
-                            r.time,
-                            r.decision,
-                            r.issuer,
-                            r.subject,
-                            r.rule,
-                            r.request_id,
-                            r.record,
-                        )
-                        for r in rows
-                    ],
-                )
+                _insert_audit(conn, rows)
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
@@ -419,3 +406,14 @@ class SqliteStorage:
             return rows
 
         return await self._write(write)
+
+
+def _insert_audit(conn: sqlite3.Connection, rows: Sequence[AuditRow]) -> None:
+    conn.executemany(
+        "INSERT INTO audit (time, decision, issuer, subject, rule, "
+        "request_id, record) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        [
+            (r.time, r.decision, r.issuer, r.subject, r.rule, r.request_id, r.record)
+            for r in rows
+        ],
+    )
