@@ -58,14 +58,12 @@ class PolicyDecision:
 
 
 def _claims(request: SubmitRequest) -> dict[str, Any]:
-    claims: dict[str, Any] = {
-        "artifact": request.artifact.model_dump(exclude_none=True)
-    }
-    if request.source is not None:
-        claims["source"] = request.source.model_dump(exclude_none=True)
-    if request.build is not None:
-        claims["build"] = request.build.model_dump(exclude_none=True)
+    """artifact, and source and build when given, without absent members."""
+    claims: dict[str, Any] = request.model_dump(exclude_none=True, exclude=_NOT_CLAIMS)
     return claims
+
+
+_NOT_CLAIMS = {"key"}
 
 
 def dedup_key(
