@@ -80,7 +80,32 @@ async def _open_pool(
     return pool, public_key
 
 
-class Pkcs11ArtifactSigner:
+class _PoolOwner:
+    """Closes the signing processes with the signer, also as `async with`."""
+
+    _pool: WorkerPool
+
+    @property
+    def worker_pids(self) -> list[int]:
+        """Process IDs of the live workers, for monitoring and fault tests."""
+        return self._pool.pids
+
+    async def aclose(self) -> None:
+        await self._pool.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+class Pkcs11ArtifactSigner(_PoolOwner):
     """An `ArtifactSigner` whose key stays in a PKCS#11 token."""
 
     def __init__(
@@ -123,33 +148,14 @@ class Pkcs11ArtifactSigner:
     def key_id(self) -> str:
         return self._key_id
 
-    @property
-    def worker_pids(self) -> list[int]:
-        """Process IDs of the live workers, for monitoring and fault tests."""
-        return self._pool.pids
-
     async def sign_digests(self, digests: Sequence[bytes]) -> list[bytes]:
         for digest in digests:
             if len(digest) != DIGEST_SIZE:
                 raise ValueError(f"a SHA-256 digest is 32 bytes, not {len(digest)}")
         return await self._pool.run(digests)
 
-    async def aclose(self) -> None:
-        await self._pool.aclose()
 
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-
-class Pkcs11CheckpointSigner:
+class Pkcs11CheckpointSigner(_PoolOwner):
     """A `CheckpointSigner` whose Ed25519 note key stays in a PKCS#11 token."""
 
     def __init__(
@@ -189,24 +195,6 @@ class Pkcs11CheckpointSigner:
         """The note verifier key text, as `log.vkey` holds it."""
         return self._verifier_key
 
-    @property
-    def worker_pids(self) -> list[int]:
-        return self._pool.pids
-
     async def sign(self, message: bytes) -> bytes:
         (signature,) = await self._pool.run([message])
         return signature
-
-    async def aclose(self) -> None:
-        await self._pool.aclose()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
