@@ -39,6 +39,7 @@ from verifier.leaf import (
     encode_leaf,
     public_key_id,
 )
+from verifier.logsource import DirectoryLog
 from verifier.merkle import inclusion_proof, leaf_hash, root_from_leaf_hashes
 from verifier.monitor import Alert, Monitor
 from verifier.note import (
@@ -55,7 +56,6 @@ from verifier.tiles import (
     entries_path,
     tile_path,
 )
-from verifier.verify import DirectoryLog
 
 ORIGIN = "tamper.example/log"
 SIZE = 600

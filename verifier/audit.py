@@ -32,10 +32,10 @@ from pydantic import ValidationError
 from verifier.checkpoint import open_checkpoint
 from verifier.errors import FormatError
 from verifier.leaf import parse_leaf
+from verifier.logsource import FetchError, HttpLog, LogSource, open_log
 from verifier.merkle import EMPTY_ROOT, HASH_SIZE, fold_nodes, range_nodes
 from verifier.note import NoteVerifier
 from verifier.tiles import TILE_HEIGHT, TILE_WIDTH, entries_path, tile_path, tile_width
-from verifier.verify import FetchError, HttpLog, LogSource, open_log
 
 logger = logging.getLogger(__name__)
 

@@ -33,6 +33,7 @@ from typing import Any
 from verifier.audit import AuditReport, audit_log
 from verifier.bundle import MAX_BUNDLE_SIZE, parse_bundle
 from verifier.errors import FormatError, VerificationError
+from verifier.logsource import FetchError, LogSource, open_log
 from verifier.monitor import (
     AlertSink,
     Monitor,
@@ -45,13 +46,10 @@ from verifier.note import NoteVerifier
 from verifier.verify import (
     ArtifactPublicKey,
     Expectations,
-    FetchError,
-    LogSource,
     VerificationResult,
     check_bundle,
     load_artifact_keys,
     load_log_key,
-    open_log,
     sha256_file,
 )
 

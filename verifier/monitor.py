@@ -37,9 +37,10 @@ from verifier.checkpoint import (
 )
 from verifier.errors import ConsistencyError, FormatError, VerificationError
 from verifier.leaf import Leaf, parse_leaf, verify_artifact_signature
+from verifier.logsource import LogSource, NotFound
 from verifier.note import NoteVerifier
 from verifier.tiles import TILE_WIDTH, TileReader, entries_path, tile_width
-from verifier.verify import ArtifactPublicKey, LogSource, NotFound, b64
+from verifier.verify import ArtifactPublicKey, b64
 
 logger = logging.getLogger(__name__)
 
