@@ -22,6 +22,7 @@ import binascii
 import hashlib
 import json
 import logging
+import re
 import os
 import random
 import sys
@@ -51,6 +52,8 @@ from verifier.verify import (
 logger = logging.getLogger(__name__)
 
 BATCH_SIZE = 1000
+DEFAULT_WAIT = 300.0
+POLL_INTERVAL = 2.0
 CHUNK_SIZE = 1 << 20
 MAX_RESPONSE_SIZE = 64 << 20
 BUNDLE_SUFFIX = ".sigbundle"
@@ -124,6 +127,14 @@ def add_parser(subparsers: argparse._SubParsersAction[Any]) -> None:
         "--audience",
         default=DEFAULT_AUDIENCE,
         help=f"audience of a CI OIDC token (default: {DEFAULT_AUDIENCE})",
+    )
+    sign.add_argument(
+        "--wait",
+        type=float,
+        default=DEFAULT_WAIT,
+        metavar="S",
+        help="seconds to wait for a request the policy parks for a builder quorum "
+        f"or approvals, polling the log (default: {DEFAULT_WAIT:.0f})",
     )
     sign.add_argument(
         "--retries",
@@ -215,7 +226,9 @@ def _sign(args: argparse.Namespace) -> list[Outcome]:
         raise UsageError("--retries must be >= 0 and --timeout positive")
     bundles = _bundle_paths(files, args.output)
     claims = _claims(args)
-    client = LogClient(args.log, retries=args.retries, timeout=args.timeout)
+    client = LogClient(
+        args.log, retries=args.retries, timeout=args.timeout, wait=args.wait
+    )
     token = _token(args, client)
     pinned = args.log_key or os.environ.get(LOG_KEY_ENV)
     log_key = _log_key(pinned) if pinned else None
@@ -505,13 +518,21 @@ class LogClient:
     the entry it already holds (SPEC.md section 4.3).
     """
 
-    def __init__(self, url: str, *, retries: int = 5, timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        retries: int = 5,
+        timeout: float = 60.0,
+        wait: float = DEFAULT_WAIT,
+    ) -> None:
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise UsageError(f"--log must be an http(s) URL, not {url!r}")
         self.url = url if url.endswith("/") else url + "/"
         self.retries = retries
         self.timeout = timeout
+        self.wait = wait
 
     def keys(self) -> PublishedKeys:
         body = self._call("GET", "api/v1/keys", None, None)
@@ -540,7 +561,10 @@ class LogClient:
         """Submit one request, or a batch of up to 1,000."""
         answers: object
         if len(requests) == 1:
-            answers = [self._call("POST", "api/v1/entries", requests[0], token)]
+            answer = self._call("POST", "api/v1/entries", requests[0], token)
+            if "request_id" in answer and "index" not in answer:
+                answer = self._wait_for_entry(answer)
+            answers = [answer]
         else:
             body = {"entries": list(requests)}
             answers = self._call("POST", "api/v1/entries/batch", body, token).get(
@@ -552,6 +576,36 @@ class LogClient:
             return [_Entry.model_validate(answer) for answer in answers]
         except ValidationError as e:
             raise SignError("the log's answer is not an entry") from e
+
+    def _wait_for_entry(self, parked: dict[str, Any]) -> dict[str, Any]:
+        """Poll a parked request (202) until it is logged, refused or time is up."""
+        request_id = str(parked.get("request_id"))
+        if not re.fullmatch(r"[0-9a-f]{32}", request_id):
+            raise SignError("the log parked the request under a malformed ID")
+        deadline = time.monotonic() + self.wait
+        logger.warning(
+            "the policy parked the request; waiting",
+            extra={"request_id": request_id, "state": parked.get("state")},
+        )
+        while True:
+            entry = parked.get("entry")
+            if isinstance(entry, dict):
+                return entry
+            state = parked.get("state")
+            if state in ("denied", "rejected", "expired"):
+                reasons = "; ".join(
+                    str(r.get("message")) for r in parked.get("reasons", [])
+                )
+                raise SignError(f"request {request_id} was {state}: {reasons}")
+            if time.monotonic() >= deadline:
+                raise SignError(
+                    f"request {request_id} is still {state} after {self.wait:.0f} s "
+                    "(it needs more builders or approvals; `signer approve "
+                    f"{request_id}` approves it); run signer sign again later: "
+                    "the log answers with the entry once it exists"
+                )
+            time.sleep(POLL_INTERVAL)
+            parked = self._call("GET", f"api/v1/requests/{request_id}", None, None)
 
     def _call(
         self, method: str, path: str, body: Any, token: str | None

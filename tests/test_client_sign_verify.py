@@ -9,6 +9,7 @@ network away.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import http.server
 import json
 import socket
@@ -22,8 +23,12 @@ from typing import Any, ClassVar
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from logserver.app import create_app
+from logserver.auth import TOKEN_ISSUER
 from signer import sign_cmd
+from tests.govern import Tokens, governed_config
 from tests.serverproc import ServerProcess
+from verifier.bundle import parse_bundle
 from verifier.cli import main as verifier
 from verifier.note import verifier_key
 
@@ -423,3 +428,47 @@ def test_ci_identity_token_from_gitlab_and_github() -> None:
     assert seen == [
         ("/token?api-version=2.0&audience=my%20log", "Bearer request-token")
     ]
+
+
+async def test_sign_waits_for_a_builder_quorum(
+    aiohttp_server: Any, tmp_path: Path
+) -> None:
+    policy = f"""
+version = 1
+[[rules]]
+name = "reproducible"
+artifacts = "lib-*"
+keys = "default"
+match = {{ issuer = "{TOKEN_ISSUER}", subject = "builder-*" }}
+quorum = {{ builders = 2, window_seconds = 600 }}
+"""
+    tokens = Tokens.create(tmp_path / "tokens", "builder-1", "builder-2")
+    config = governed_config(
+        tmp_path, f"sqlite:///{tmp_path / 'log.db'}", policy, tokens
+    )
+    server = await aiohttp_server(create_app(config))
+    url = str(server.make_url("/"))
+    log_key = str(config.data / "public" / "log.vkey")
+    (artifact,) = files(tmp_path / "build", "lib-1.0.tar.gz")
+
+    def builder(name: str) -> int:
+        out = tmp_path / name
+        out.mkdir()
+        return sign(
+            str(artifact), "--log", url, "--log-key", log_key,
+            "--token", tokens.tokens[name], "--output", str(out),
+            "--source-repository", "acme/lib", "--source-commit", "c" * 40,
+            "--wait", "30",
+        )  # fmt: skip
+
+    # The first builder is parked until the second reports the same digest.
+    first = asyncio.create_task(asyncio.to_thread(builder, "builder-1"))
+    await asyncio.sleep(1)
+    assert not first.done()
+    assert await asyncio.to_thread(builder, "builder-2") == 0
+    assert await first == 0
+    bundles = [
+        parse_bundle((tmp_path / name / "lib-1.0.tar.gz.sigbundle").read_bytes())
+        for name in ("builder-1", "builder-2")
+    ]
+    assert bundles[0].proof.index == bundles[1].proof.index
