@@ -22,9 +22,9 @@ import binascii
 import hashlib
 import json
 import logging
-import re
 import os
 import random
+import re
 import sys
 import time
 import urllib.error
