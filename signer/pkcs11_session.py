@@ -73,6 +73,10 @@ _UNAVAILABLE: tuple[type[p11.PKCS11Error], ...] = (
     p11.FunctionFailed,
     p11.GeneralError,
     p11.HostMemory,
+    # SoftHSM answers these on a session whose token went away, even after
+    # it is back: only a new session recovers.
+    p11.KeyHandleInvalid,
+    p11.ObjectHandleInvalid,
     p11.NoSuchToken,
     p11.SessionClosed,
     p11.SessionCount,
@@ -119,7 +123,8 @@ def read_pin(pin_env: str | None, pin_file: Path | str | None) -> str:
         except UnicodeDecodeError:
             # Not chained: the decode error quotes the offending byte.
             raise SignerError(f"the PIN file {pin_file} is not UTF-8") from None
-        pin = text.removesuffix("\n").removesuffix("\r")
+        lines = text.splitlines()
+        pin = lines[0] if lines else ""
         if not pin:
             raise SignerError(f"the PIN file {pin_file} is empty")
         return pin
@@ -135,7 +140,7 @@ def open_token(module: str, token_label: str) -> pkcs11.Token:
     try:
         lib = pkcs11.lib(module)
     except p11.PKCS11Error as exc:
-        raise SignerError(f"cannot load the PKCS#11 module {module}: {exc}") from exc
+        raise translate(exc, f"cannot load the PKCS#11 module {module}") from exc
     try:
         return lib.get_token(token_label=token_label)
     except p11.NoSuchToken as exc:
