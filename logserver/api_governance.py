@@ -16,6 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
+from logserver.api_read import MAX_INT
 from logserver.api_write import _read_json
 from logserver.app import STATE, LogState, json_response
 from logserver.audit import ALLOWED, APPROVAL, DENIED, PENDING, REJECTION, audit_json
@@ -81,8 +82,8 @@ def _query_int(request: web.Request, name: str, default: int) -> int:
     raw = request.query.get(name)
     if raw is None:
         return default
-    if not _DECIMAL.fullmatch(raw):
-        raise BadRequest(f"query parameter {name!r} must be a decimal number")
+    if not _DECIMAL.fullmatch(raw) or int(raw) > MAX_INT:
+        raise BadRequest(f"query parameter {name!r} must be a decimal below 2**63")
     return int(raw)
 
 

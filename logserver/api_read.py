@@ -28,6 +28,7 @@ IMMUTABLE = "public, max-age=31536000, immutable"
 CHECKPOINT_CACHE = "no-cache"
 _DECIMAL = re.compile(r"0|[1-9][0-9]{0,18}")
 MAX_ARTIFACT_ENTRIES = 100
+MAX_INT = 2**63 - 1  # what SQLite and PostgreSQL BIGINT hold
 
 
 def _published(state: LogState) -> PublishedCheckpoint:
@@ -43,8 +44,8 @@ def _int_param(request: web.Request, name: str, default: int | None = None) -> i
         if default is None:
             raise BadRequest(f"query parameter {name!r} is required")
         return default
-    if not _DECIMAL.fullmatch(raw):
-        raise BadRequest(f"query parameter {name!r} must be a decimal number")
+    if not _DECIMAL.fullmatch(raw) or int(raw) > MAX_INT:
+        raise BadRequest(f"query parameter {name!r} must be a decimal below 2**63")
     return int(raw)
 
 
@@ -166,7 +167,7 @@ async def inclusion_proof(request: web.Request) -> web.Response:
             raise BadRequest("give index or leaf_hash, not both")
         try:
             wanted = base64.b64decode(request.query["leaf_hash"], validate=True)
-        except binascii.Error:
+        except (binascii.Error, ValueError):  # ValueError: non-ASCII text
             wanted = b""
         if len(wanted) != HASH_SIZE:
             raise BadRequest("leaf_hash must be a base64 SHA-256 hash")

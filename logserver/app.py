@@ -26,14 +26,14 @@ from logserver.auth import (
     load_or_create_token,
 )
 from logserver.config import Config, ConfigError
-from logserver.errors import ApiError, NotFound, PayloadTooLarge
+from logserver.errors import ApiError, NotFound, PayloadTooLarge, RequestTimeout
 from logserver.governance import Governance
 from logserver.keys import LogKeys, open_keys, publish_keys
 from logserver.metrics import Metrics
 from logserver.oidc import OidcVerifier
 from logserver.policy import PolicyError
 from logserver.sequencer import Sequencer
-from logserver.storage import Storage, open_storage
+from logserver.storage import Storage, StorageUnavailable, open_storage
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +100,17 @@ async def errors_middleware(
         if exc.retry_after is not None:
             headers["Retry-After"] = str(exc.retry_after)
         return error_response(exc.status, exc.code, exc.message, exc.details, **headers)
+    except StorageUnavailable as exc:
+        # A read while the database is down (the write path maps its own).
+        logger.warning(
+            "database unavailable", extra={"path": request.path, "error": str(exc)}
+        )
+        return error_response(
+            503,
+            "unavailable",
+            "the database is unavailable; retry shortly",
+            **{"Retry-After": "2"},
+        )
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -109,6 +120,45 @@ async def errors_middleware(
     except Exception:
         logger.exception("unhandled error", extra={"path": request.path})
         return error_response(500, "internal_error", "internal error; see server log")
+
+
+@web.middleware
+async def body_timeout_middleware(
+    request: web.Request,
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+) -> web.StreamResponse:
+    """Answer 408 when a body is still arriving `body_timeout_seconds` after
+    the request head, so a client that trickles its body (or stops sending
+    it) cannot hold a handler for ever. The head itself is bounded by the
+    idle timeout (cli.py). A body that has arrived, read or not, is exempt,
+    and so is the time a handler then spends waiting for the log.
+    """
+    content = request.content
+    if content.is_eof():
+        return await handler(request)
+    limit = request.app[CONFIG].body_timeout_seconds
+    error = RequestTimeout(f"the request body did not arrive within {limit:g} seconds")
+
+    def expire() -> None:
+        if not content.is_eof():
+            content.set_exception(error)
+
+    timer = asyncio.get_running_loop().call_later(limit, expire)
+    try:
+        return await handler(request)
+    except RequestTimeout as exc:
+        if exc is not error:
+            raise
+        logger.info(
+            "request body timed out",
+            extra={"path": request.path, "seconds": limit},
+        )
+        response = error_response(exc.status, exc.code, exc.message)
+        # The rest of the body may still be on its way: do not wait for it.
+        response.force_close()
+        return response
+    finally:
+        timer.cancel()
 
 
 @web.middleware
@@ -247,7 +297,7 @@ def create_app(config: Config) -> web.Application:
 
     app = web.Application(
         client_max_size=config.max_body_bytes,
-        middlewares=[metrics_middleware, errors_middleware],
+        middlewares=[metrics_middleware, errors_middleware, body_timeout_middleware],
     )
     app[CONFIG] = config
     app.cleanup_ctx.append(_lifecycle)

@@ -34,6 +34,10 @@ ADMIN_SUBJECT = "admin"
 
 _TOKEN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,127}")
 _TOKEN_LINE = re.compile(r"(?P<name>\S+)\s+sha256:(?P<hash>[0-9a-f]{64})")
+# RFC 6750 section 2.1: what a bearer token may be made of. Our tokens and
+# JWTs both fit; anything else (non-ASCII, control characters, the bytes
+# a client sent that were not UTF-8) cannot be a token of this log.
+_B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,7 +121,10 @@ def bearer_value(authorization: str | None) -> str:
     scheme, _, token = authorization.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthorized("the Authorization header must be 'Bearer <token>'")
-    return token.strip()
+    token = token.strip()
+    if not _B64TOKEN.fullmatch(token):
+        raise Unauthorized("the bearer token is not valid for this log")
+    return token
 
 
 class TokenAuthenticator:

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import ssl
 import sys
 from collections.abc import Coroutine
 from importlib.metadata import version
@@ -24,6 +25,9 @@ from logserver.storage import StorageError
 from signer.keys import SignerError
 
 logger = logging.getLogger("logserver")
+
+# Seconds a stopping server gives requests in flight (SPEC 5.4).
+DRAIN_SECONDS = 10.0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -66,6 +70,18 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         metavar="FILE",
         help="policy TOML (default: the bootstrap token may sign anything)",
+    )
+    serve.add_argument(
+        "--tls-cert",
+        type=Path,
+        metavar="FILE",
+        help="serve HTTPS with this PEM certificate chain (needs --tls-key)",
+    )
+    serve.add_argument(
+        "--tls-key",
+        type=Path,
+        metavar="FILE",
+        help="the certificate's PEM private key, unencrypted",
     )
     serve.add_argument("-v", "--verbose", action="count", default=0, help="more logs")
 
@@ -167,16 +183,53 @@ def _banner(app: web.Application, url: str) -> str:
     )
 
 
-async def serve(config: Config) -> None:
+def tls_context(config: Config) -> ssl.SSLContext | None:
+    """The server's TLS context, or None to serve plain HTTP.
+
+    TLS 1.2 at least, with the ssl module's default server ciphers; the key
+    must not be encrypted (there is no one to type a passphrase).
+    """
+    if config.tls_cert is None or config.tls_key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(config.tls_cert, config.tls_key, password=_no_password)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"cannot load the TLS certificate {config.tls_cert} and key "
+            f"{config.tls_key}: {exc}"
+        ) from exc
+    return context
+
+
+def _no_password() -> str:
+    # Called only for an encrypted key: refuse instead of prompting on a tty.
+    raise ssl.SSLError("the TLS key is encrypted; give an unencrypted PEM key")
+
+
+async def serve(config: Config, tls: ssl.SSLContext | None = None) -> None:
     app = create_app(config)
-    runner = web.AppRunner(app, access_log=logging.getLogger("aiohttp.access"))
+    runner = web.AppRunner(
+        app,
+        access_log=logging.getLogger("aiohttp.access"),
+        # Closes a connection that sends no complete request head within
+        # this long of opening or of its last answer: idle keep-alive
+        # connections and slow senders of headers alike.
+        keepalive_timeout=config.idle_timeout_seconds,
+        # On SIGTERM, requests in flight get this long to be answered.
+        shutdown_timeout=DRAIN_SECONDS,
+    )
     await runner.setup()
     try:
         host, port = config.listen_address()
-        site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True)
+        site = web.TCPSite(
+            runner, host, port, backlog=1024, reuse_address=True, ssl_context=tls
+        )
         await site.start()
         bound = runner.addresses[0]
-        url = config.public_url or f"http://{host}:{bound[1]}/"
+        scheme = "https" if tls is not None else "http"
+        url = config.public_url or f"{scheme}://{host}:{bound[1]}/"
         sys.stdout.write(_banner(app, url))
         sys.stdout.flush()
 
@@ -213,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
             origin=args.origin,
             log_format=args.log_format,
             policy=args.policy,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
         )
     except ConfigError as exc:
         print(f"logserver: {exc}", file=sys.stderr)
@@ -226,10 +281,15 @@ def main(argv: list[str] | None = None) -> int:
     except (PolicyError, TokensFileError) as exc:
         print(f"logserver: {exc}", file=sys.stderr)
         return 2
+    try:
+        tls = tls_context(config)
+    except ConfigError as exc:
+        print(f"logserver: {exc}", file=sys.stderr)
+        return 2
     logs.configure(config.log_format, args.verbose)
     try:
         with contextlib.suppress(KeyboardInterrupt):
-            _run(serve(config))
+            _run(serve(config, tls))
     except (ConfigError, StorageError, SignerError, OSError) as exc:
         print(f"logserver: {exc}", file=sys.stderr)
         return 1

@@ -116,7 +116,27 @@ class Config(_Section):
         default=None, description="checkpoint origin; fixed at first start"
     )
     public_url: str | None = None
+    tls_cert: Path | None = Field(
+        default=None, description="PEM certificate chain: serve HTTPS with it"
+    )
+    tls_key: Path | None = Field(
+        default=None, description="PEM private key (unencrypted) of tls_cert"
+    )
     max_body_bytes: int = Field(default=1 << 20, ge=1024, le=64 << 20)
+    idle_timeout_seconds: float = Field(
+        default=75.0,
+        gt=0,
+        le=3600,
+        description="close a connection that has not sent a whole request "
+        "head this long after it opened or after its last answer",
+    )
+    body_timeout_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="answer 408 when a request body has not fully arrived "
+        "this long after its head",
+    )
     log_format: Literal["text", "json"] = "text"
     sequencer: SequencerConfig = SequencerConfig()
     checkpoint_key: CheckpointKeyConfig = CheckpointKeyConfig()
@@ -131,6 +151,12 @@ class Config(_Section):
         default=None, description="tokens file: NAME sha256:HEX lines"
     )
     oidc: OidcConfig = OidcConfig()
+
+    @model_validator(mode="after")
+    def _tls_needs_both_files(self) -> Config:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("give both tls_cert and tls_key, or neither")
+        return self
 
     def database_url(self) -> str:
         return self.database or f"sqlite:///{self.data / 'log.db'}"

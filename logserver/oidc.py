@@ -185,8 +185,8 @@ class JwksCache:
 def _parse_jwks(document: bytes) -> dict[str | None, jwt.PyJWK]:
     try:
         data = orjson.loads(document)
-        if not isinstance(data, dict):
-            raise ValueError("a JWKS is a JSON object")
+        if not isinstance(data, dict) or not isinstance(data.get("keys", []), list):
+            raise ValueError("a JWKS is a JSON object with a list of keys")
         # Shared-secret keys can never verify a CI token.
         data["keys"] = [
             k

@@ -145,6 +145,13 @@ _REQUEST = {
     },
 }
 
+# What follows /tile/ (c2sp.org/tlog-tiles): level or "entries", the index in
+# groups of three digits, and an optional partial width.
+_TILE_TAIL = (
+    r"^(entries|[0-9]|[1-5][0-9]|6[0-3])/(x[0-9]{3}/)*[0-9]{3}"
+    r"(\.p/([1-9]|[1-9][0-9]|1[0-9]{2}|2[0-4][0-9]|25[0-5]))?$"
+)
+
 _REQUEST_ID_PARAM = {
     "name": "id",
     "in": "path",
@@ -156,6 +163,7 @@ _WRITE_ERRORS = {
     "400": _error("The body is not JSON."),
     "401": _error("No valid bearer token."),
     "403": _error("The policy denies the request; details lists the reasons."),
+    "408": _error("The body did not arrive within body_timeout_seconds."),
     "413": _error("The body is too large."),
     "415": _error("The body is not application/json."),
     "422": _error("The body does not match the schema, or names an unknown key."),
@@ -167,6 +175,7 @@ _VOTE_ERRORS = {
     "400": _error("The body is not JSON."),
     "403": _error("Not an approver of this request, or a bad signature."),
     "404": _error("No such request."),
+    "408": _error("The body did not arrive within body_timeout_seconds."),
     "409": _error("The request is not waiting for approvals."),
     "415": _error("The body is not application/json."),
     "422": _error("The body does not match the schema."),
@@ -357,8 +366,11 @@ def document() -> dict[str, Any]:
                         "name": "leaf_hash",
                         "in": "query",
                         "required": False,
-                        "description": "Base64 RFC 6962 leaf hash.",
-                        "schema": {"type": "string"},
+                        "description": "Base64 RFC 6962 leaf hash (32 bytes).",
+                        "schema": {
+                            "type": "string",
+                            "pattern": "^[A-Za-z0-9+/]{43}=$",
+                        },
                     },
                     _int_query("tree_size", "Tree size; the latest if absent."),
                 ],
@@ -443,13 +455,14 @@ def document() -> dict[str, Any]:
         "/tile/{tail}": {
             "get": {
                 "summary": "Hash tiles and entry bundles (c2sp.org/tlog-tiles)",
-                "description": "tile/<L>/<N>[.p/<W>] or tile/entries/<N>[.p/<W>].",
+                "description": "tile/<L>/<N>[.p/<W>] or tile/entries/<N>[.p/<W>]; "
+                "<N> in groups of three digits, all but the last prefixed with x.",
                 "parameters": [
                     {
                         "name": "tail",
                         "in": "path",
                         "required": True,
-                        "schema": {"type": "string"},
+                        "schema": {"type": "string", "pattern": _TILE_TAIL},
                     }
                 ],
                 "responses": {

@@ -22,7 +22,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
-from logserver.errors import Unavailable
+from logserver.errors import PayloadTooLarge, Unavailable, Unprocessable
 from logserver.metrics import Metrics
 from logserver.storage import (
     AuditRow,
@@ -161,6 +161,11 @@ class Sequencer:
     def _check_room(self, count: int) -> None:
         if not self._accepting:
             raise Unavailable("the log is not accepting submissions", retry_after=5)
+        if count > self._queue.maxsize:
+            raise PayloadTooLarge(
+                f"{count} entries can never fit the queue of {self._queue.maxsize} "
+                "(sequencer.max_pending); send smaller batches"
+            )
         if self._queue.maxsize - self._queue.qsize() < count:
             raise Unavailable(
                 "too many submissions are waiting; retry shortly", retry_after=1
@@ -304,7 +309,13 @@ class Sequencer:
 
         new = []
         for s in fresh:
-            leaf = s.build_leaf(s, signatures[id(s)])
+            try:
+                leaf = s.build_leaf(s, signatures[id(s)])
+            except ValueError as exc:
+                # This submission's own fault (a leaf too large to log): fail
+                # it alone, not the batch it shares with other clients.
+                s.future.set_exception(Unprocessable(f"cannot log this entry: {exc}"))
+                continue
             new.append((s, EntryRow(leaf, leaf_hash(leaf), s.dedup_key, s.digest)))
         return _Batch(new, existing)
 

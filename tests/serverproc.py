@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -23,14 +24,27 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """A log server subprocess; `url` ends with a slash."""
+    """A log server subprocess; `url` ends with a slash.
+
+    With `tls`, a client context that trusts the server's certificate, the
+    server is expected to serve HTTPS (give it --tls-cert and --tls-key).
+    With `wait=False` the constructor returns as soon as the process runs,
+    before the server is ready.
+    """
 
     def __init__(
-        self, data: Path, *args: str, env: dict[str, str] | None = None
+        self,
+        data: Path,
+        *args: str,
+        env: dict[str, str] | None = None,
+        tls: ssl.SSLContext | None = None,
+        wait: bool = True,
     ) -> None:
         self.data = data
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/"
+        self.tls = tls
+        scheme = "http" if tls is None else "https"
+        self.url = f"{scheme}://127.0.0.1:{self.port}/"
         self.log = data.parent / f"server-{self.port}.log"
         command = [
             sys.executable, "-m", "logserver.cli", "serve",
@@ -43,7 +57,8 @@ class ServerProcess:
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
         )
-        self._wait_ready()
+        if wait:
+            self._wait_ready()
 
     def _wait_ready(self, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout
@@ -51,7 +66,9 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited early:\n{self.log.read_text()}")
             try:
-                with urllib.request.urlopen(self.url + "healthz", timeout=1):
+                with urllib.request.urlopen(
+                    self.url + "healthz", timeout=1, context=self.tls
+                ):
                     return
             except OSError:
                 time.sleep(0.05)
@@ -63,7 +80,9 @@ class ServerProcess:
         return (self.data / "secrets" / "submit.token").read_text().strip()
 
     def get(self, path: str) -> bytes:
-        with urllib.request.urlopen(self.url + path, timeout=10) as response:
+        with urllib.request.urlopen(
+            self.url + path, timeout=10, context=self.tls
+        ) as response:
             body: bytes = response.read()
             return body
 
@@ -77,7 +96,9 @@ class ServerProcess:
             },
         )
         try:
-            with urllib.request.urlopen(request, timeout=30) as response:
+            with urllib.request.urlopen(
+                request, timeout=30, context=self.tls
+            ) as response:
                 return response.status, json.loads(response.read())
         except urllib.error.HTTPError as exc:
             return exc.code, json.loads(exc.read())

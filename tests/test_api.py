@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from logserver.config import Config
+from logserver.app import create_app
+from logserver.config import Config, load_config
 from tests.conftest import log_state, token_header
 from verifier.checkpoint import open_checkpoint
 from verifier.leaf import parse_leaf, verify_artifact_signature
@@ -350,3 +352,22 @@ async def test_every_allowed_request_is_audited_even_when_deduplicated(
     records = (await response.json())["records"]
     assert len(records) == 15
     assert {r["identity"]["subject"] for r in records} == {"bootstrap"}
+
+
+async def test_a_batch_larger_than_the_queue_is_refused_at_once(
+    aiohttp_client: Any, tmp_path: Path
+) -> None:
+    config = load_config(
+        None,
+        data=tmp_path / "data",
+        origin="small.example/log",
+        sequencer={"max_pending": 5, "linger_ms": 0},
+    )
+    client = await aiohttp_client(create_app(config))
+    response = await client.post(
+        "/api/v1/entries/batch",
+        json={"entries": [body_for(f"q{i}") for i in range(6)]},
+        headers=token_header(client),
+    )
+    assert response.status == 413
+    assert "max_pending" in (await response.json())["error"]["message"]
