@@ -45,6 +45,32 @@ def public_key_pem(public_key: PublicKeyTypes) -> bytes:
     )
 
 
+class ArtifactKey:
+    """What every artifact signer publishes: its name, algorithm, key and ID."""
+
+    def __init__(self, name: str, algorithm: str, public_key: PublicKeyTypes) -> None:
+        self._name = name
+        self._algorithm = algorithm
+        self._public_key = public_key
+        self._key_id = public_key_id(public_key)
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def algorithm(self) -> str:
+        return self._algorithm
+
+    @property
+    def public_key(self) -> PublicKeyTypes:
+        return self._public_key
+
+    @property
+    def key_id(self) -> str:
+        return self._key_id
+
+
 @runtime_checkable
 class ArtifactSigner(Protocol):
     """Signs SHA-256 digests of artifacts; the result is a DER or PKCS#1 signature."""

@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from signer.keys import (
     ARTIFACT_ALGORITHMS,
     ECDSA_P256_SHA256,
+    ArtifactKey,
     SignerError,
     public_key_id,
 )
@@ -105,7 +106,7 @@ class _PoolOwner:
         await self.aclose()
 
 
-class Pkcs11ArtifactSigner(_PoolOwner):
+class Pkcs11ArtifactSigner(ArtifactKey, _PoolOwner):
     """An `ArtifactSigner` whose key stays in a PKCS#11 token."""
 
     def __init__(
@@ -116,11 +117,8 @@ class Pkcs11ArtifactSigner(_PoolOwner):
         public_key: PublicKeyTypes,
     ) -> None:
         """Use `open()`; this takes a pool that is already running."""
-        self._name = name
-        self._algorithm = algorithm
+        super().__init__(name, algorithm, public_key)
         self._pool = pool
-        self._public_key = public_key
-        self._key_id = public_key_id(public_key)
 
     @classmethod
     async def open(
@@ -131,22 +129,6 @@ class Pkcs11ArtifactSigner(_PoolOwner):
             raise ValueError(f"unknown artifact signing algorithm {algorithm!r}")
         pool, public_key = await _open_pool(config, algorithm)
         return cls(name, algorithm, pool, public_key)
-
-    @property
-    def name(self) -> str:
-        return self._name
-
-    @property
-    def algorithm(self) -> str:
-        return self._algorithm
-
-    @property
-    def public_key(self) -> PublicKeyTypes:
-        return self._public_key
-
-    @property
-    def key_id(self) -> str:
-        return self._key_id
 
     async def sign_digests(self, digests: Sequence[bytes]) -> list[bytes]:
         for digest in digests:

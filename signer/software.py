@@ -14,7 +14,6 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
-from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 from signer.keys import (
@@ -22,8 +21,8 @@ from signer.keys import (
     ECDSA_P384_SHA256,
     RSA_PKCS1V15_SHA256,
     RSA_PSS_SHA256,
+    ArtifactKey,
     SignerError,
-    public_key_id,
 )
 
 logger = logging.getLogger(__name__)
@@ -71,14 +70,12 @@ def _sign_one(key: SoftwarePrivateKey, algorithm: str, digest: bytes) -> bytes:
     return key.sign(digest, padding.PKCS1v15(), _PREHASHED_SHA256)
 
 
-class SoftwareArtifactSigner:
+class SoftwareArtifactSigner(ArtifactKey):
     """An artifact key held in memory, loaded from or created in a PEM file."""
 
     def __init__(self, name: str, algorithm: str, key: SoftwarePrivateKey) -> None:
-        self._name = name
-        self._algorithm = algorithm
+        super().__init__(name, algorithm, key.public_key())
         self._key = key
-        self._key_id = public_key_id(key.public_key())
 
     @classmethod
     def load_or_create(
@@ -106,22 +103,6 @@ class SoftwareArtifactSigner:
             extra={"key": name, "path": str(path), "algorithm": algorithm},
         )
         return cls(name, algorithm, key)
-
-    @property
-    def name(self) -> str:
-        return self._name
-
-    @property
-    def algorithm(self) -> str:
-        return self._algorithm
-
-    @property
-    def public_key(self) -> PublicKeyTypes:
-        return self._key.public_key()
-
-    @property
-    def key_id(self) -> str:
-        return self._key_id
 
     def sign_digests_sync(self, digests: Sequence[bytes]) -> list[bytes]:
         return [_sign_one(self._key, self._algorithm, d) for d in digests]
