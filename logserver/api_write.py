@@ -16,7 +16,7 @@ from logserver.app import STATE, json_response
 from logserver.errors import BadRequest, Unprocessable, UnsupportedMediaType
 from logserver.governance import Parked
 from logserver.models import BatchSubmitRequest, SubmitRequest
-from logserver.responses import entry_response, request_document
+from logserver.responses import entries_response, entry_response, request_document
 
 
 async def _read_json(request: web.Request, model: type[BaseModel]) -> Any:
@@ -65,7 +65,7 @@ async def submit_batch(request: web.Request) -> web.Response:
     governance.check_rate(identity)
     body: BatchSubmitRequest = await _read_json(request, BatchSubmitRequest)
     results = await governance.submit_batch(identity, body.entries)
-    entries = [await entry_response(state, r) for r in results]
+    entries = await entries_response(state, results)
     created = any(r.created for r in results)
     return json_response({"entries": entries}, status=201 if created else 200)
 

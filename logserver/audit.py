@@ -20,6 +20,7 @@ import orjson
 
 from logserver.auth import Identity
 from logserver.errors import Unavailable
+from logserver.leaves import identity_json
 from logserver.policy import Reason
 from logserver.storage import AuditRow, Storage
 
@@ -47,13 +48,10 @@ class Decision:
     reasons: Sequence[Reason] = ()
     request_id: str | None = None
 
-    def row(self, now: int) -> AuditRow:
+    def row(self, now: int, identity: orjson.Fragment | None = None) -> AuditRow:
+        """The row; `identity` is the caller already encoded, if at hand."""
         record = {
-            "identity": {
-                "issuer": self.identity.issuer,
-                "subject": self.identity.subject,
-                "claims": self.identity.claims,
-            },
+            "identity": identity_json(self.identity) if identity is None else identity,
             "request": self.request,
             "policy_sha256": self.policy_sha256,
             "reasons": [r.as_json() for r in self.reasons],

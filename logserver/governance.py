@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from logserver import ceremony, quorum
 from logserver.audit import (
     ALLOWED,
@@ -51,7 +53,13 @@ from logserver.errors import (
     Unprocessable,
 )
 from logserver.keys import LogKeys
-from logserver.leaves import PolicyDecision, build_leaf, dedup_key
+from logserver.leaves import (
+    LeafContext,
+    PolicyDecision,
+    build_leaf,
+    dedup_key,
+    request_claims,
+)
 from logserver.metrics import Metrics
 from logserver.models import SubmitRequest
 from logserver.pending import ApproverRecord as ApproverSnapshot
@@ -64,6 +72,7 @@ from logserver.pending import (
 )
 from logserver.policy import (
     Evaluation,
+    Evaluator,
     Policy,
     PolicyError,
     Reason,
@@ -99,8 +108,20 @@ class Parked:
     request: PendingRequest
 
 
-def _request_json(body: SubmitRequest, key: str) -> dict[str, Any]:
-    return {**body.model_dump(exclude_none=True), "key": key}
+def _request_json(claims: dict[str, Any], key: str) -> dict[str, Any]:
+    """The request as the audit table records it: its claims and the key used."""
+    return {**claims, "key": key}
+
+
+def _refused(evaluation: Evaluation, reason: Reason) -> Evaluation:
+    """An allowing evaluation turned into a denial for `reason`."""
+    return Evaluation(
+        False,
+        evaluation.rule,
+        (reason,),
+        evaluation.skipped,
+        evaluation.policy_sha256,
+    )
 
 
 def _denial(evaluation: Evaluation) -> Forbidden:
@@ -230,10 +251,12 @@ class Governance:
             raise Unprocessable(f"no artifact key named {name!r}; known: {known}")
         return name, signer
 
-    def _audit_row(self, decision: Decision) -> AuditRow:
+    def _audit_row(
+        self, decision: Decision, identity: orjson.Fragment | None = None
+    ) -> AuditRow:
         """An allowed decision's row, stored by the sequencer with its entry."""
         self.metrics.decisions.labels(decision.decision).inc()
-        return decision.row(int(time.time()))
+        return decision.row(int(time.time()), identity)
 
     async def _record(self, decision: Decision) -> None:
         await self._record_many([decision])
@@ -272,41 +295,41 @@ class Governance:
         )
         return _denial(evaluation)
 
+    @staticmethod
     def _automated(
-        self,
         body: SubmitRequest,
-        identity: Identity,
-        evaluation: Evaluation,
-        signer: ArtifactSigner,
         key: str,
+        signer: ArtifactSigner,
+        context: LeafContext,
+        claims: dict[str, Any],
     ) -> Submission:
-        assert evaluation.rule is not None
-        decision = PolicyDecision(evaluation.rule.name, evaluation.policy_sha256)
+        """A submission for an automated rule: signed as soon as it is sequenced."""
         return Submission(
-            dedup_key=dedup_key(body, identity, signer),
+            dedup_key=context.dedup_key(claims),
             digest=bytes.fromhex(body.artifact.sha256),
             sign=signer.sign_digests,
             signer_name=key,
-            build_leaf=lambda _, signature: build_leaf(
-                body, identity, decision, signer, signature
-            ),
+            build_leaf=lambda _, signature: context.leaf(claims, signature),
         )
 
     async def submit(self, identity: Identity, body: SubmitRequest) -> Signed | Parked:
         """Decide one request and act on the decision (steps 2 to 4)."""
         key, signer = self._signer(body)
         evaluation = evaluate(self.policy, identity, body, key)
-        request = _request_json(body, key)
+        claims = request_claims(body)
+        request = _request_json(claims, key)
         if not evaluation.allowed:
             raise await self._deny(identity, request, evaluation)
         rule = evaluation.rule
         assert rule is not None
         if rule.quorum is None and rule.ceremony is None:
-            submission = self._automated(body, identity, evaluation, signer, key)
+            decision = PolicyDecision(rule.name, evaluation.policy_sha256)
+            context = LeafContext.of(identity, decision, signer)
+            submission = self._automated(body, key, signer, context, claims)
             allowed = Decision(
                 ALLOWED, identity, request, rule.name, evaluation.policy_sha256
             )
-            submission.audit = self._audit_row(allowed)
+            submission.audit = self._audit_row(allowed, context.identity)
             return Signed(await self.sequencer.submit(submission))
         return await self._park(identity, body, evaluation, rule, signer, key)
 
@@ -314,50 +337,45 @@ class Governance:
         self, identity: Identity, bodies: Sequence[SubmitRequest]
     ) -> list[Integrated]:
         """All or nothing: every element must be allowed for automated signing."""
-        policy = self.policy
+        evaluator = Evaluator(self.policy, identity)
         planned: list[tuple[dict[str, Any], Evaluation, Submission | None]] = []
         problems: list[dict[str, Any]] = []
+        # Entries of one request mostly share a rule and a key: what their
+        # leaves have in common is encoded once per pair.
+        contexts: dict[tuple[str, str], LeafContext] = {}
         for index, body in enumerate(bodies):
             key, signer = self._signer(body)
-            evaluation = evaluate(policy, identity, body, key)
+            evaluation = evaluator.evaluate(body, key)
+            claims = request_claims(body)
             rule = evaluation.rule
             submission = None
             if evaluation.allowed and rule is not None:
                 if rule.quorum is not None or rule.ceremony is not None:
-                    evaluation = Evaluation(
-                        False,
-                        rule,
-                        (
-                            Reason(
-                                "batch_not_supported",
-                                f"rule {rule.name!r} needs a quorum or approvals; "
-                                "send this artifact alone to POST /api/v1/entries",
-                            ),
+                    evaluation = _refused(
+                        evaluation,
+                        Reason(
+                            "batch_not_supported",
+                            f"rule {rule.name!r} needs a quorum or approvals; "
+                            "send this artifact alone to POST /api/v1/entries",
                         ),
-                        evaluation.skipped,
-                        evaluation.policy_sha256,
                     )
                 else:
-                    submission = self._automated(
-                        body, identity, evaluation, signer, key
-                    )
-            planned.append((_request_json(body, key), evaluation, submission))
+                    context = contexts.get((rule.name, key))
+                    if context is None:
+                        decision = PolicyDecision(rule.name, evaluation.policy_sha256)
+                        context = LeafContext.of(identity, decision, signer)
+                        contexts[rule.name, key] = context
+                    submission = self._automated(body, key, signer, context, claims)
+            planned.append((_request_json(claims, key), evaluation, submission))
             problems += [{"entry": index, **r.as_json()} for r in evaluation.reasons]
 
         if problems:
             denials = []
             for request, evaluation, _ in planned:
                 if evaluation.allowed:
-                    evaluation = Evaluation(
-                        False,
-                        evaluation.rule,
-                        (
-                            Reason(
-                                "batch_denied", "another entry of the batch is denied"
-                            ),
-                        ),
-                        evaluation.skipped,
-                        evaluation.policy_sha256,
+                    evaluation = _refused(
+                        evaluation,
+                        Reason("batch_denied", "another entry of the batch is denied"),
                     )
                 denials.append(self._deny(identity, request, evaluation))
             # One audit group for the whole batch, not one per element.
@@ -367,19 +385,22 @@ class Governance:
                 f"{len(planned)} entries; nothing was signed",
                 details=problems,
             )
+
+        now = int(time.time())
+        encoded = next(iter(contexts.values())).identity
         submissions = []
         for request, evaluation, submission in planned:
             assert submission is not None  # every element was allowed
-            submission.audit = self._audit_row(
-                Decision(
-                    ALLOWED,
-                    identity,
-                    request,
-                    evaluation.rule_name,
-                    evaluation.policy_sha256,
-                )
+            allowed = Decision(
+                ALLOWED,
+                identity,
+                request,
+                evaluation.rule_name,
+                evaluation.policy_sha256,
             )
+            submission.audit = allowed.row(now, encoded)
             submissions.append(submission)
+        self.metrics.decisions.labels(ALLOWED).inc(len(submissions))
         return await self.sequencer.submit_many(submissions)
 
     # Parked requests.
@@ -441,7 +462,7 @@ class Governance:
         key: str,
     ) -> Signed | Parked:
         now = int(time.time())
-        request_json = _request_json(body, key)
+        request_json = _request_json(request_claims(body), key)
         if rule.quorum is not None:
             assert body.source is not None and body.source.commit is not None
             lookup = quorum.quorum_lookup(

@@ -6,7 +6,7 @@ parse with `verifier.leaf.parse_leaf`; tests hold the two in step.
 
 from __future__ import annotations
 
-import base64
+import binascii
 import hashlib
 import time
 from dataclasses import dataclass
@@ -57,7 +57,7 @@ class PolicyDecision:
         return policy
 
 
-def _claims(request: SubmitRequest) -> dict[str, Any]:
+def request_claims(request: SubmitRequest) -> dict[str, Any]:
     """artifact, and source and build when given, without absent members."""
     claims: dict[str, Any] = request.model_dump(exclude_none=True, exclude=_NOT_CLAIMS)
     return claims
@@ -66,14 +66,88 @@ def _claims(request: SubmitRequest) -> dict[str, Any]:
 _NOT_CLAIMS = {"key"}
 
 
+def identity_json(identity: Identity) -> dict[str, Any]:
+    """The identity as leaves and audit records hold it."""
+    return {
+        "claims": identity.claims,
+        "issuer": identity.issuer,
+        "subject": identity.subject,
+    }
+
+
+def canonical(value: Any) -> bytes:
+    """Canonical JSON: keys sorted at every depth, no whitespace."""
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+
+
+@dataclass(frozen=True, slots=True)
+class LeafContext:
+    """What every leaf of one request has in common, serialized once.
+
+    A batch request shares its caller, its key and usually its rule across
+    all its entries; encoding them once keeps the per-entry work down to the
+    claims, the signature and the time.
+    """
+
+    issuer: str
+    subject: str
+    key_id: str
+    algorithm: str
+    identity: orjson.Fragment
+    policy: orjson.Fragment
+
+    @classmethod
+    def of(
+        cls, identity: Identity, decision: PolicyDecision, signer: ArtifactSigner
+    ) -> LeafContext:
+        return cls(
+            identity.issuer,
+            identity.subject,
+            signer.key_id,
+            signer.algorithm,
+            orjson.Fragment(canonical(identity_json(identity))),
+            orjson.Fragment(canonical(decision.as_json())),
+        )
+
+    def dedup_key(self, claims: dict[str, Any]) -> bytes:
+        """Equal for a retried request: same claims, same caller, same key."""
+        material = {
+            **claims,
+            "identity": [self.issuer, self.subject],
+            "key": self.key_id,
+        }
+        return hashlib.sha256(canonical(material)).digest()
+
+    def leaf(
+        self, claims: dict[str, Any], signature: bytes, now: int | None = None
+    ) -> bytes:
+        leaf = {
+            **claims,
+            "identity": self.identity,
+            "policy": self.policy,
+            "signature": {
+                "algorithm": self.algorithm,
+                "key_id": self.key_id,
+                "value": binascii.b2a_base64(signature, newline=False).decode(),
+            },
+            "timestamp": int(time.time()) if now is None else now,
+            "version": LEAF_VERSION,
+        }
+        encoded = canonical(leaf)
+        # The request limits keep a leaf under about 30 KB; this guards the
+        # format's 65,535-byte bound (the entry bundle's uint16 length) if
+        # fields are ever added.
+        if len(encoded) > MAX_LEAF_SIZE:
+            raise ValueError(f"leaf of {len(encoded)} bytes exceeds {MAX_LEAF_SIZE}")
+        return encoded
+
+
 def dedup_key(
     request: SubmitRequest, identity: Identity, signer: ArtifactSigner
 ) -> bytes:
     """Equal for a retried request: same claims, same caller, same key."""
-    material = _claims(request)
-    material["identity"] = [identity.issuer, identity.subject]
-    material["key"] = signer.key_id
-    return hashlib.sha256(orjson.dumps(material, option=orjson.OPT_SORT_KEYS)).digest()
+    context = LeafContext.of(identity, PolicyDecision("", ""), signer)
+    return context.dedup_key(request_claims(request))
 
 
 def build_leaf(
@@ -83,24 +157,6 @@ def build_leaf(
     signer: ArtifactSigner,
     signature: bytes,
 ) -> bytes:
-    leaf = _claims(request)
-    leaf["identity"] = {
-        "claims": identity.claims,
-        "issuer": identity.issuer,
-        "subject": identity.subject,
-    }
-    leaf["policy"] = decision.as_json()
-    leaf["signature"] = {
-        "algorithm": signer.algorithm,
-        "key_id": signer.key_id,
-        "value": base64.b64encode(signature).decode(),
-    }
-    leaf["timestamp"] = int(time.time())
-    leaf["version"] = LEAF_VERSION
-    encoded = orjson.dumps(leaf, option=orjson.OPT_SORT_KEYS)
-    # The request limits keep a leaf under about 30 KB; this guards the
-    # format's 65,535-byte bound (the entry bundle's uint16 length) if
-    # fields are ever added.
-    if len(encoded) > MAX_LEAF_SIZE:
-        raise ValueError(f"leaf of {len(encoded)} bytes exceeds {MAX_LEAF_SIZE}")
-    return encoded
+    return LeafContext.of(identity, decision, signer).leaf(
+        request_claims(request), signature
+    )

@@ -2,38 +2,80 @@
 
 from __future__ import annotations
 
-import base64
+import binascii
+from collections.abc import Sequence
 from typing import Any
 
 from logserver.app import LogState
 from logserver.ceremony import request_message
 from logserver.pending import PendingRequest
 from logserver.sequencer import Integrated
+from logserver.tree import MerkleTree
 from verifier.merkle import leaf_hash
 
 
 def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
+    return binascii.b2a_base64(data, newline=False).decode()
+
+
+class _Encoder:
+    """Base64 of proof hashes, each encoded once per response.
+
+    The entries of a batch sit side by side in the tree, so their inclusion
+    proofs share most of their upper hashes.
+    """
+
+    __slots__ = ("_done",)
+
+    def __init__(self) -> None:
+        self._done: dict[bytes, str] = {}
+
+    def __call__(self, data: bytes) -> str:
+        text = self._done.get(data)
+        if text is None:
+            text = self._done[data] = _b64(data)
+        return text
+
+
+def _entry_json(
+    tree: MerkleTree, result: Integrated, leaf: bytes, encode: _Encoder
+) -> dict[str, Any]:
+    checkpoint = result.checkpoint
+    proof = tree.inclusion_proof(result.index, checkpoint.size)
+    hashed = result.leaf_hash if result.leaf_hash is not None else leaf_hash(leaf)
+    return {
+        "index": result.index,
+        "leaf": _b64(leaf),
+        "leaf_hash": _b64(hashed),
+        "inclusion_proof": {
+            "index": result.index,
+            "tree_size": checkpoint.size,
+            "hashes": [encode(h) for h in proof],
+        },
+        "checkpoint": checkpoint.text,
+    }
 
 
 async def entry_response(state: LogState, result: Integrated) -> dict[str, Any]:
     """What a submitter gets back: the leaf, its inclusion proof, the checkpoint."""
-    leaf = result.leaf
-    if leaf is None:
-        (leaf,) = await state.storage.get_leaves(result.index, result.index + 1)
-    checkpoint = result.checkpoint
-    proof = state.sequencer.tree.inclusion_proof(result.index, checkpoint.size)
-    return {
-        "index": result.index,
-        "leaf": _b64(leaf),
-        "leaf_hash": _b64(leaf_hash(leaf)),
-        "inclusion_proof": {
-            "index": result.index,
-            "tree_size": checkpoint.size,
-            "hashes": [_b64(h) for h in proof],
-        },
-        "checkpoint": checkpoint.note.decode(),
-    }
+    (entry,) = await entries_response(state, [result])
+    return entry
+
+
+async def entries_response(
+    state: LogState, results: Sequence[Integrated]
+) -> list[dict[str, Any]]:
+    """`entry_response` for each of a batch's results, in order."""
+    tree = state.sequencer.tree
+    encode = _Encoder()
+    entries = []
+    for result in results:
+        leaf = result.leaf
+        if leaf is None:
+            # Found in the log rather than added now: read it back.
+            (leaf,) = await state.storage.get_leaves(result.index, result.index + 1)
+        entries.append(_entry_json(tree, result, leaf, encode))
+    return entries
 
 
 def request_document(request: PendingRequest, origin: str) -> dict[str, Any]:

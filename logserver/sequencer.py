@@ -21,6 +21,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 from logserver.errors import PayloadTooLarge, Unavailable, Unprocessable
 from logserver.metrics import Metrics
@@ -49,6 +50,11 @@ class PublishedCheckpoint:
     size: int
     root: bytes
     note: bytes
+    # The note as text, decoded once for every answer that carries it.
+    text: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "text", self.note.decode())
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +65,37 @@ class Integrated:
     leaf: bytes | None
     checkpoint: PublishedCheckpoint
     created: bool
+    leaf_hash: bytes | None = None
+
+
+class _Waiter:
+    """Where the answers to one `submit` or `submit_many` call go.
+
+    One future per call rather than one per entry: a batch request of a
+    thousand entries is answered by one wake-up, not a thousand.
+    """
+
+    __slots__ = ("future", "missing", "results")
+
+    def __init__(self, count: int) -> None:
+        self.future: asyncio.Future[list[Integrated]] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self.results: list[Integrated | None] = [None] * count
+        self.missing = count
+
+    def settle(self, slot: int, result: Integrated) -> None:
+        if self.future.done() or self.results[slot] is not None:
+            return
+        self.results[slot] = result
+        self.missing -= 1
+        if self.missing == 0:
+            # Every slot is filled now.
+            self.future.set_result(cast(list[Integrated], self.results))
+
+    def fail(self, error: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(error)
 
 
 @dataclass(slots=True)
@@ -73,7 +110,11 @@ class Submission:
     # The decision that allowed it, stored in the same transaction as the
     # entry, so the answer waits for one commit, not two.
     audit: AuditRow | None = None
-    future: asyncio.Future[Integrated] = field(init=False)
+    # Set when queued: who waits for the answer, and at which position.
+    waiter: _Waiter = field(init=False)
+    slot: int = field(init=False)
+    # Identical submissions that arrived while this one was in flight.
+    followers: list[Submission] | None = field(init=False, default=None)
 
 
 @dataclass(slots=True)
@@ -108,8 +149,9 @@ class Sequencer:
         self._queue: asyncio.Queue[Submission] = asyncio.Queue(max_pending)
         metrics.pending.set_function(self._queue.qsize)
         self._signed: asyncio.Queue[_Batch] = asyncio.Queue(2)
-        self._inflight: dict[bytes, asyncio.Future[Integrated]] = {}
+        self._inflight: dict[bytes, Submission] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        self._followers: set[asyncio.Task[None]] = set()
         self._accepting = False
         self._resync_needed = False
 
@@ -139,6 +181,8 @@ class Sequencer:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
+        # Answers to identical requests still writing their audit rows.
+        await asyncio.gather(*self._followers, return_exceptions=True)
         while not self._queue.empty():
             self._fail([self._queue.get_nowait()], Unavailable("the log is stopping"))
 
@@ -148,15 +192,17 @@ class Sequencer:
 
     async def submit(self, submission: Submission) -> Integrated:
         """Queue a submission and wait until it is covered by a checkpoint."""
-        self._check_room(1)
-        # Shielded: a client that goes away must not cancel the batch's work.
-        return await asyncio.shield(self._enqueue(submission))
+        (result,) = await self.submit_many([submission])
+        return result
 
     async def submit_many(self, submissions: Sequence[Submission]) -> list[Integrated]:
         """Queue all of a batch request, or none of it if the queue is too full."""
         self._check_room(len(submissions))
-        futures = [self._enqueue(s) for s in submissions]
-        return list(await asyncio.shield(asyncio.gather(*futures)))
+        waiter = _Waiter(len(submissions))
+        for slot, submission in enumerate(submissions):
+            self._enqueue(submission, waiter, slot)
+        # Shielded: a client that goes away must not cancel the batch's work.
+        return await asyncio.shield(waiter.future)
 
     def _check_room(self, count: int) -> None:
         if not self._accepting:
@@ -171,28 +217,51 @@ class Sequencer:
                 "too many submissions are waiting; retry shortly", retry_after=1
             )
 
-    def _enqueue(self, submission: Submission) -> asyncio.Future[Integrated]:
-        key = submission.dedup_key
-        inflight = self._inflight.get(key)
-        if inflight is not None:
-            return asyncio.ensure_future(self._duplicate(inflight, submission.audit))
-        submission.future = asyncio.get_running_loop().create_future()
+    def _enqueue(self, submission: Submission, waiter: _Waiter, slot: int) -> None:
+        submission.waiter = waiter
+        submission.slot = slot
+        original = self._inflight.get(submission.dedup_key)
+        if original is not None:
+            # The same request is already on its way: it gets the same entry.
+            if original.followers is None:
+                original.followers = []
+            original.followers.append(submission)
+            return
+        self._inflight[submission.dedup_key] = submission
         self._queue.put_nowait(submission)
-        self._inflight[key] = submission.future
-        submission.future.add_done_callback(lambda _: self._inflight.pop(key, None))
-        return submission.future
 
-    async def _duplicate(
-        self, original: asyncio.Future[Integrated], audit: AuditRow | None
-    ) -> Integrated:
-        """The answer to a request identical to one in flight: the same entry."""
-        first = await asyncio.shield(original)
-        if audit is not None:
+    def _settle(self, submission: Submission, result: Integrated) -> None:
+        submission.waiter.settle(submission.slot, result)
+        if self._inflight.get(submission.dedup_key) is submission:
+            del self._inflight[submission.dedup_key]
+        if submission.followers:
+            task = asyncio.create_task(self._answer(submission.followers, result))
+            self._followers.add(task)
+            task.add_done_callback(self._followers.discard)
+
+    def _reject(self, submission: Submission, error: BaseException) -> None:
+        submission.waiter.fail(error)
+        if self._inflight.get(submission.dedup_key) is submission:
+            del self._inflight[submission.dedup_key]
+        for follower in submission.followers or ():
+            follower.waiter.fail(error)
+
+    async def _answer(self, followers: list[Submission], first: Integrated) -> None:
+        """Answer requests identical to one in flight: the same entry, not new."""
+        audit = [f.audit for f in followers if f.audit is not None]
+        if audit:
             try:
-                await self.storage.append_audit([audit])
+                await self.storage.append_audit(audit)
             except Exception as exc:
-                raise _as_api_error(exc) from exc
-        return Integrated(first.index, first.leaf, first.checkpoint, False)
+                error = _as_api_error(exc)
+                for follower in followers:
+                    follower.waiter.fail(error)
+                return
+        result = Integrated(
+            first.index, first.leaf, first.checkpoint, False, first.leaf_hash
+        )
+        for follower in followers:
+            follower.waiter.settle(follower.slot, result)
 
     # Loading and resynchronising with storage.
 
@@ -314,7 +383,7 @@ class Sequencer:
             except ValueError as exc:
                 # This submission's own fault (a leaf too large to log): fail
                 # it alone, not the batch it shares with other clients.
-                s.future.set_exception(Unprocessable(f"cannot log this entry: {exc}"))
+                self._reject(s, Unprocessable(f"cannot log this entry: {exc}"))
                 continue
             new.append((s, EntryRow(leaf, leaf_hash(leaf), s.dedup_key, s.digest)))
         return _Batch(new, existing)
@@ -383,9 +452,11 @@ class Sequencer:
         # stored one: a checkpoint is a deterministic function of the
         # committed tree and the key, and a restart signs the same one again.
         for offset, (s, row) in enumerate(batch.new):
-            _settle(s.future, Integrated(start + offset, row.leaf, checkpoint, True))
+            self._settle(
+                s, Integrated(start + offset, row.leaf, checkpoint, True, row.leaf_hash)
+            )
         for s, index in batch.existing:
-            _settle(s.future, Integrated(index, None, checkpoint, False))
+            self._settle(s, Integrated(index, None, checkpoint, False))
         if unstored:
             try:
                 await self._store(checkpoint)
@@ -403,13 +474,7 @@ class Sequencer:
             "batch failed", extra={"entries": len(batch), "error": repr(exc)}
         )
         for s in batch:
-            if not s.future.done():
-                s.future.set_exception(error)
-
-
-def _settle(future: asyncio.Future[Integrated], result: Integrated) -> None:
-    if not future.done():
-        future.set_result(result)
+            self._reject(s, error)
 
 
 def _as_api_error(exc: BaseException) -> BaseException:
