@@ -107,6 +107,32 @@ async def test_a_repeated_request_returns_the_same_entry(
     assert log_state(log_client).sequencer.tree.size == 2
 
 
+async def test_a_batch_may_repeat_an_entry_and_overlap_another(
+    log_client: TestClient, log_config: Config
+) -> None:
+    """Identical entries in flight together share one entry, in any request."""
+
+    async def batch(names: list[str]) -> list[Any]:
+        response = await log_client.post(
+            "/api/v1/entries/batch",
+            json={"entries": [body_for(n) for n in names]},
+            headers=token_header(log_client),
+        )
+        assert response.status == 201, await response.text()
+        entries: list[Any] = (await response.json())["entries"]
+        for name, entry in zip(names, entries, strict=True):
+            check_entry(log_config, entry, name)
+        return entries
+
+    first, second = await asyncio.gather(
+        batch(["twice", "other", "twice"]), batch(["shared", "twice", "own"])
+    )
+    assert first[0]["index"] == first[2]["index"] == second[1]["index"]
+    assert first[0]["leaf"] == first[2]["leaf"] == second[1]["leaf"]
+    assert len({e["index"] for e in first + second}) == 4
+    assert log_state(log_client).sequencer.tree.size == 4
+
+
 async def test_batch_submission(log_client: TestClient, log_config: Config) -> None:
     names = [f"file-{i}" for i in range(300)]
     response = await log_client.post(
