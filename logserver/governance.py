@@ -367,7 +367,10 @@ class Governance:
                         contexts[rule.name, key] = context
                     submission = self._automated(body, key, signer, context, claims)
             planned.append((_request_json(claims, key), evaluation, submission))
-            problems += [{"entry": index, **r.as_json()} for r in evaluation.reasons]
+            if evaluation.reasons:
+                problems += [
+                    {"entry": index, **r.as_json()} for r in evaluation.reasons
+                ]
 
         if problems:
             denials = []

@@ -28,6 +28,7 @@ from signer.keys import (
 logger = logging.getLogger(__name__)
 
 _PREHASHED_SHA256 = Prehashed(hashes.SHA256())
+_ECDSA_PREHASHED = ec.ECDSA(_PREHASHED_SHA256)
 
 # Signing in batches this large per thread hop keeps the hop cost negligible
 # while letting other work interleave with a long batch.
@@ -63,7 +64,7 @@ def _key_fits(key: SoftwarePrivateKey, algorithm: str) -> bool:
 
 def _sign_one(key: SoftwarePrivateKey, algorithm: str, digest: bytes) -> bytes:
     if isinstance(key, ec.EllipticCurvePrivateKey):
-        return key.sign(digest, ec.ECDSA(_PREHASHED_SHA256))
+        return key.sign(digest, _ECDSA_PREHASHED)
     if algorithm == RSA_PSS_SHA256:
         pss = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
         return key.sign(digest, pss, _PREHASHED_SHA256)
