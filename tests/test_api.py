@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
+import logging
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +17,19 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from logserver.app import create_app
 from logserver.config import Config, load_config
+from logserver.storage import EntryRow, Storage, StorageError, open_storage
+from logserver.storage import sqlite as sqlite_storage
+from logserver.storage.sqlite import SqliteStorage
 from tests.conftest import log_state, token_header
 from verifier.checkpoint import open_checkpoint
 from verifier.leaf import parse_leaf, verify_artifact_signature
-from verifier.merkle import leaf_hash, verify_consistency, verify_inclusion
+from verifier.merkle import (
+    HASH_SIZE,
+    leaf_hash,
+    root_from_leaf_hashes,
+    verify_consistency,
+    verify_inclusion,
+)
 from verifier.note import NoteVerifier
 from verifier.tiles import parse_entry_bundle, parse_hash_tile
 
@@ -397,3 +409,270 @@ async def test_a_batch_larger_than_the_queue_is_refused_at_once(
     )
     assert response.status == 413
     assert "max_pending" in (await response.json())["error"]["message"]
+
+
+# Storage: the SQLite schema (version 3) and its migration from version 2.
+
+# The SQLite schema of version 2, as that server created it.
+V2_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS entries (
+    idx INTEGER PRIMARY KEY,
+    leaf BLOB NOT NULL,
+    leaf_hash BLOB NOT NULL,
+    dedup_key BLOB NOT NULL UNIQUE,
+    artifact_sha256 BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS entries_leaf_hash ON entries (leaf_hash);
+CREATE INDEX IF NOT EXISTS entries_artifact ON entries (artifact_sha256, idx);
+CREATE TABLE IF NOT EXISTS tiles (
+    level INTEGER NOT NULL,
+    idx INTEGER NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (level, idx)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS tree (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    size INTEGER NOT NULL,
+    root BLOB NOT NULL,
+    checkpoint_size INTEGER NOT NULL,
+    checkpoint BLOB
+);
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    time INTEGER NOT NULL,
+    decision TEXT NOT NULL,
+    issuer TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    rule TEXT,
+    request_id TEXT,
+    record BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_decision ON audit (decision, id);
+CREATE TABLE IF NOT EXISTS requests (
+    id TEXT PRIMARY KEY,
+    lookup TEXT UNIQUE,
+    state TEXT NOT NULL,
+    expires INTEGER NOT NULL,
+    record BLOB NOT NULL
+);
+"""
+
+
+V3_INDEXES = {"entries_leaf_hash_prefix", "entries_artifact_prefix"}
+
+
+def entry_row(name: str, digest: bytes | None = None) -> EntryRow:
+    """An entry for artifact `name` (or the given digest), keyed by `name`."""
+    leaf = f'{{"artifact":"{name}"}}'.encode()
+    return EntryRow(
+        leaf,
+        leaf_hash(leaf),
+        hashlib.sha256(b"dedup " + name.encode()).digest(),
+        hashlib.sha256(name.encode()).digest() if digest is None else digest,
+    )
+
+
+async def append_rows(storage: Storage, rows: list[EntryRow]) -> None:
+    """Append `rows` after what is stored, with their level-0 tile and root."""
+    state = await storage.load_state()
+    hashes = state.leaf_hashes + b"".join(r.leaf_hash for r in rows)
+    leaves = [hashes[i : i + HASH_SIZE] for i in range(0, len(hashes), HASH_SIZE)]
+    assert len(leaves) <= 256, "one level-0 tile is enough here"
+    await storage.append(
+        state.size, rows, [(0, 0, hashes)], root_from_leaf_hashes(leaves)
+    )
+
+
+def entry_indexes(path: Path) -> set[str]:
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        rows = db.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'index' "
+            "AND tbl_name = 'entries'"
+        )
+        return {name for (name,) in rows}
+
+
+async def test_a_version_2_sqlite_database_is_migrated(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "log.db"
+    shared = hashlib.sha256(b"shared artifact").digest()
+    rows = [entry_row(f"v2-{i}", shared if i in (1, 3) else None) for i in range(5)]
+    hashes = b"".join(r.leaf_hash for r in rows)
+    root = root_from_leaf_hashes([r.leaf_hash for r in rows])
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.executescript(V2_SCHEMA)
+        db.executemany(
+            "INSERT INTO meta VALUES (?, ?)",
+            [("schema_version", "2"), ("origin", "old.example/log")],
+        )
+        db.executemany(
+            "INSERT INTO entries VALUES (?, ?, ?, ?, ?)",
+            [
+                (i, r.leaf, r.leaf_hash, r.dedup_key, r.artifact_sha256)
+                for i, r in enumerate(rows)
+            ],
+        )
+        db.execute("INSERT INTO tiles VALUES (0, 0, ?)", (hashes,))
+        db.execute("INSERT INTO tree VALUES (1, 5, ?, 5, ?)", (root, b"checkpoint"))
+        db.execute(
+            "INSERT INTO audit (time, decision, issuer, subject, rule, request_id, "
+            "record) VALUES (1, 'allowed', 'iss', 'sub', 'rule', NULL, X'7B7D')"
+        )
+        db.execute("INSERT INTO requests VALUES ('r1', 'look', 'open', 9, X'7B7D')")
+    assert "entries_leaf_hash" in entry_indexes(path)
+
+    storage = SqliteStorage(path)
+    with caplog.at_level(logging.INFO, logger="logserver.storage.sqlite"):
+        await storage.open()
+    try:
+        migrations = [r for r in caplog.records if r.getMessage().startswith("migr")]
+        assert len(migrations) == 1
+        assert migrations[0].__dict__["entries"] == 5
+        assert await storage.get_meta("schema_version") == "3"
+        assert await storage.get_meta("origin") == "old.example/log"
+        state = await storage.load_state()
+        assert (state.size, state.root, state.leaf_hashes) == (5, root, hashes)
+        assert state.checkpoint == b"checkpoint"
+        assert await storage.get_leaves(0, 5) == [r.leaf for r in rows]
+        for i, r in enumerate(rows):
+            assert await storage.find_leaf_hash(r.leaf_hash) == i
+        assert await storage.find_leaf_hash(bytes(32)) is None
+        assert await storage.find_artifact(shared, 10) == [1, 3]
+        assert await storage.find_artifact(shared, 1) == [1]
+        assert await storage.find_artifact(rows[2].artifact_sha256, 10) == [2]
+        wanted = [(r.artifact_sha256, r.dedup_key) for r in rows]
+        assert await storage.find_dedup(wanted) == {
+            r.dedup_key: i for i, r in enumerate(rows)
+        }
+        [(_, audit)] = await storage.list_audit(0, 10)
+        assert audit.rule == "rule"
+        request = await storage.get_request("r1")
+        assert request is not None and request.lookup == "look"
+
+        # The log goes on from where it was.
+        await append_rows(storage, [entry_row("v3-5", shared)])
+        assert await storage.find_artifact(shared, 10) == [1, 3, 5]
+        assert (await storage.load_state()).size == 6
+    finally:
+        await storage.close()
+
+    assert entry_indexes(path) == V3_INDEXES
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        sql = db.execute(
+            "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'entries'"
+        ).fetchone()[0]
+        assert "UNIQUE" not in sql.upper()
+
+    # Opening it again changes nothing.
+    caplog.clear()
+    again = SqliteStorage(path)
+    with caplog.at_level(logging.INFO, logger="logserver.storage.sqlite"):
+        await again.open()
+    try:
+        assert not [r for r in caplog.records if r.getMessage().startswith("migr")]
+        assert (await again.load_state()).size == 6
+    finally:
+        await again.close()
+
+
+async def test_a_newer_sqlite_schema_is_refused_untouched(tmp_path: Path) -> None:
+    path = tmp_path / "log.db"
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        db.execute("INSERT INTO meta VALUES ('schema_version', '4')")
+    storage = SqliteStorage(path)
+    try:
+        with pytest.raises(StorageError, match=r"version 4.*upgrade the server"):
+            await storage.open()
+    finally:
+        await storage.close()
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        tables = {n for (n,) in db.execute("SELECT name FROM sqlite_master")}
+        assert tables == {"meta", "sqlite_autoindex_meta_1"}
+        assert db.execute("SELECT value FROM meta").fetchall() == [("4",)]
+
+
+async def test_sqlite_lookups_use_the_prefix_indexes(tmp_path: Path) -> None:
+    path = tmp_path / "log.db"
+    storage = SqliteStorage(path)
+    await storage.open()
+    try:
+        assert await storage.get_meta("schema_version") == "3"
+        await append_rows(storage, [entry_row(f"plan-{i}") for i in range(20)])
+    finally:
+        await storage.close()
+    assert entry_indexes(path) == V3_INDEXES
+
+    key = bytes(range(32))
+    # find_leaf_hash, find_artifact and find_dedup, as they query.
+    queries = [
+        (sqlite_storage.FIND_LEAF_HASH, (key[:8], key), "entries_leaf_hash_prefix"),
+        (sqlite_storage.FIND_ARTIFACT, (key[:8], key, 100), "entries_artifact_prefix"),
+        (
+            sqlite_storage.find_dedup_query(2),
+            (key[:8], bytes(8)),
+            "entries_artifact_prefix",
+        ),
+    ]
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        for query, parameters, index in queries:
+            plan = " | ".join(
+                str(row[-1])
+                for row in db.execute(f"EXPLAIN QUERY PLAN {query}", parameters)
+            )
+            expected = f"SEARCH entries USING INDEX {index} (<expr>=?)"
+            assert expected in plan, (query, plan)
+            # The index keeps equal prefixes in idx order: no sort.
+            assert "TEMP B-TREE" not in plan, (query, plan)
+
+
+async def test_find_dedup_matches_exact_keys_only(database_url: str) -> None:
+    digest = hashlib.sha256(b"one artifact").digest()
+    # Another digest with the same first 8 bytes.
+    twin = digest[:8] + hashlib.sha256(b"another").digest()[8:]
+    rows = [
+        entry_row("first", digest),
+        entry_row("second", digest),
+        entry_row("twin", twin),
+        entry_row("elsewhere"),
+    ]
+    unlogged = hashlib.sha256(b"never logged").digest()
+    storage = open_storage(database_url)
+    await storage.open()
+    try:
+        await append_rows(storage, rows)
+        first, second, other, elsewhere = rows
+        assert await storage.find_dedup([]) == {}
+        assert await storage.find_dedup([(digest, first.dedup_key)]) == {
+            first.dedup_key: 0
+        }
+        assert await storage.find_dedup([(digest, second.dedup_key)]) == {
+            second.dedup_key: 1
+        }
+        assert await storage.find_dedup([(twin, other.dedup_key)]) == {
+            other.dedup_key: 2
+        }
+        # Same digest, or same prefix, but a key never logged: nothing.
+        assert await storage.find_dedup([(digest, unlogged)]) == {}
+        assert await storage.find_dedup([(twin, unlogged)]) == {}
+        # More pairs than one query takes, most of them never logged.
+        wanted = [
+            (hashlib.sha256(b"d%d" % i).digest(), hashlib.sha256(b"k%d" % i).digest())
+            for i in range(1200)
+        ]
+        wanted[700:700] = [(r.artifact_sha256, r.dedup_key) for r in rows]
+        wanted.append((digest, unlogged))
+        assert await storage.find_dedup(wanted) == {
+            first.dedup_key: 0,
+            second.dedup_key: 1,
+            other.dedup_key: 2,
+            elsewhere.dedup_key: 3,
+        }
+    finally:
+        await storage.close()

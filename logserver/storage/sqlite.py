@@ -12,6 +12,7 @@ import asyncio
 import logging
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -33,36 +34,50 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = "2"
+SCHEMA_VERSION = "3"
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (
-    key TEXT PRIMARY KEY,
-    value TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS entries (
+# Version 3 indexes the random 32-byte keys by their first 8 bytes only, and
+# drops the UNIQUE index on dedup_key (deduplication finds candidates through
+# the artifact index): every appended entry lands on a random leaf page of
+# each index, and smaller, fewer indexes keep the cost of a batch from
+# growing with the table. Queries repeat the index expression to use it and
+# compare the full column as well.
+_ENTRIES_COLUMNS = """(
     idx INTEGER PRIMARY KEY,
     leaf BLOB NOT NULL,
     leaf_hash BLOB NOT NULL,
-    dedup_key BLOB NOT NULL UNIQUE,
+    dedup_key BLOB NOT NULL,
     artifact_sha256 BLOB NOT NULL
-);
-CREATE INDEX IF NOT EXISTS entries_leaf_hash ON entries (leaf_hash);
-CREATE INDEX IF NOT EXISTS entries_artifact ON entries (artifact_sha256, idx);
-CREATE TABLE IF NOT EXISTS tiles (
+)"""
+
+_PREFIX = 8
+
+# One statement each: they run inside the transaction of `open`, which
+# `executescript` would commit first.
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+)""",
+    f"CREATE TABLE IF NOT EXISTS entries {_ENTRIES_COLUMNS}",
+    "CREATE INDEX IF NOT EXISTS entries_leaf_hash_prefix "
+    "ON entries (substr(leaf_hash, 1, 8))",
+    "CREATE INDEX IF NOT EXISTS entries_artifact_prefix "
+    "ON entries (substr(artifact_sha256, 1, 8))",
+    """CREATE TABLE IF NOT EXISTS tiles (
     level INTEGER NOT NULL,
     idx INTEGER NOT NULL,
     data BLOB NOT NULL,
     PRIMARY KEY (level, idx)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS tree (
+) WITHOUT ROWID""",
+    """CREATE TABLE IF NOT EXISTS tree (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     size INTEGER NOT NULL,
     root BLOB NOT NULL,
     checkpoint_size INTEGER NOT NULL,
     checkpoint BLOB
-);
-CREATE TABLE IF NOT EXISTS audit (
+)""",
+    """CREATE TABLE IF NOT EXISTS audit (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     time INTEGER NOT NULL,
     decision TEXT NOT NULL,
@@ -71,16 +86,39 @@ CREATE TABLE IF NOT EXISTS audit (
     rule TEXT,
     request_id TEXT,
     record BLOB NOT NULL
-);
-CREATE INDEX IF NOT EXISTS audit_decision ON audit (decision, id);
-CREATE TABLE IF NOT EXISTS requests (
+)""",
+    "CREATE INDEX IF NOT EXISTS audit_decision ON audit (decision, id)",
+    """CREATE TABLE IF NOT EXISTS requests (
     id TEXT PRIMARY KEY,
     lookup TEXT UNIQUE,
     state TEXT NOT NULL,
     expires INTEGER NOT NULL,
     record BLOB NOT NULL
-);
-"""
+)""",
+)
+
+# Parameters: the key's first 8 bytes, then the whole key.
+FIND_LEAF_HASH = (
+    "SELECT min(idx) FROM entries WHERE substr(leaf_hash, 1, 8) = ? AND leaf_hash = ?"
+)
+FIND_ARTIFACT = (
+    "SELECT idx FROM entries "
+    "WHERE substr(artifact_sha256, 1, 8) = ? AND artifact_sha256 = ? "
+    "ORDER BY idx LIMIT ?"
+)
+
+# SQLite limits bound parameters; 500 stays well under it.
+_CHUNK = 500
+
+
+def find_dedup_query(count: int) -> str:
+    """The candidates for `count` artifact digest prefixes: every entry of them."""
+    marks = ",".join("?" * count)
+    return (
+        "SELECT dedup_key, idx FROM entries "  # noqa: S608 (only placeholders)
+        f"WHERE substr(artifact_sha256, 1, 8) IN ({marks})"
+    )
+
 
 _REQUEST_COLUMNS = "id, lookup, state, expires, record"
 
@@ -123,6 +161,12 @@ class SqliteStorage:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA foreign_keys=ON")
+            # 64 MiB of page cache (the default is 2 MiB): the inner pages of
+            # the entry indexes stay in memory as the table grows.
+            conn.execute("PRAGMA cache_size=-65536")
+            # The WAL keeps SQLite's default checkpoint of 1,000 pages: a
+            # larger one saves a little CPU but needs that much free disk to
+            # recover from a full disk.
             self._local.conn = conn
             with self._lock:
                 self._connections.append(conn)
@@ -149,25 +193,60 @@ class SqliteStorage:
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
-        def create(conn: sqlite3.Connection) -> None:
-            conn.executescript(_SCHEMA)
-            conn.execute(
-                "INSERT OR IGNORE INTO tree VALUES (1, 0, ?, 0, NULL)", (EMPTY_ROOT,)
-            )
-            conn.execute(
-                "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
-                (SCHEMA_VERSION,),
-            )
-            (version,) = conn.execute(
-                "SELECT value FROM meta WHERE key = 'schema_version'"
-            ).fetchone()
-            if version != SCHEMA_VERSION:
-                raise StorageError(
-                    f"{self.path} has schema version {version}; this server "
-                    f"knows version {SCHEMA_VERSION}: upgrade the server"
-                )
+        migrated: list[int] = []
 
+        def create(conn: sqlite3.Connection) -> None:
+            # One transaction: a crash leaves the old schema or the new one.
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                version = _stored_version(conn)
+                if version == "2":
+                    migrated.append(_migrate_from_2(conn))
+                elif version is not None and version != SCHEMA_VERSION:
+                    advice = (
+                        "upgrade the server"
+                        if version.isdigit() and int(version) > int(SCHEMA_VERSION)
+                        else "it cannot be migrated"
+                    )
+                    raise StorageError(
+                        f"{self.path} has schema version {version}; this server "
+                        f"knows version {SCHEMA_VERSION}: {advice}"
+                    )
+                for statement in _SCHEMA:
+                    conn.execute(statement)
+                conn.execute(
+                    "INSERT OR IGNORE INTO tree VALUES (1, 0, ?, 0, NULL)",
+                    (EMPTY_ROOT,),
+                )
+                conn.execute(
+                    "INSERT INTO meta VALUES ('schema_version', ?) "
+                    "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    (SCHEMA_VERSION,),
+                )
+            except BaseException:
+                # A full disk can end the transaction already.
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+            if migrated:
+                # The WAL holds the whole rebuilt table: copy it into the
+                # database now and give its space back.
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+        began = time.perf_counter()
         await self._write(create)
+        if migrated:
+            logger.info(
+                "migrated SQLite storage",
+                extra={
+                    "path": str(self.path),
+                    "from_version": "2",
+                    "to_version": SCHEMA_VERSION,
+                    "entries": migrated[0],
+                    "seconds": round(time.perf_counter() - began, 3),
+                },
+            )
         logger.info("opened SQLite storage", extra={"path": str(self.path)})
 
     async def close(self) -> None:
@@ -226,21 +305,24 @@ class SqliteStorage:
 
         return await self._write(load)
 
-    async def find_dedup(self, keys: Sequence[bytes]) -> dict[bytes, int]:
-        if not keys:
+    async def find_dedup(
+        self, wanted: Sequence[tuple[bytes, bytes]]
+    ) -> dict[bytes, int]:
+        if not wanted:
             return {}
+        keys = {key for _, key in wanted}
+        prefixes = sorted({digest[:_PREFIX] for digest, _ in wanted})
 
         def find(conn: sqlite3.Connection) -> dict[bytes, int]:
             found: dict[bytes, int] = {}
-            # SQLite limits bound parameters; 500 stays well under it.
-            for at in range(0, len(keys), 500):
-                chunk = keys[at : at + 500]
-                marks = ",".join("?" * len(chunk))
-                rows = conn.execute(
-                    f"SELECT dedup_key, idx FROM entries WHERE dedup_key IN ({marks})",  # noqa: S608 (only placeholders)
-                    chunk,
-                )
-                found.update((bytes(key), idx) for key, idx in rows)
+            # Equal dedup keys mean equal digests: a logged key is among the
+            # entries of its artifact, found through the artifact index.
+            for at in range(0, len(prefixes), _CHUNK):
+                chunk = prefixes[at : at + _CHUNK]
+                for stored, idx in conn.execute(find_dedup_query(len(chunk)), chunk):
+                    key = bytes(stored)
+                    if key in keys and (key not in found or idx < found[key]):
+                        found[key] = int(idx)
             return found
 
         return await self._read(find)
@@ -308,7 +390,7 @@ class SqliteStorage:
     async def find_leaf_hash(self, leaf_hash: bytes) -> int | None:
         def find(conn: sqlite3.Connection) -> int | None:
             row = conn.execute(
-                "SELECT min(idx) FROM entries WHERE leaf_hash = ?", (leaf_hash,)
+                FIND_LEAF_HASH, (leaf_hash[:_PREFIX], leaf_hash)
             ).fetchone()
             return None if row is None or row[0] is None else int(row[0])
 
@@ -316,11 +398,7 @@ class SqliteStorage:
 
     async def find_artifact(self, sha256: bytes, limit: int) -> list[int]:
         def find(conn: sqlite3.Connection) -> list[int]:
-            rows = conn.execute(
-                "SELECT idx FROM entries WHERE artifact_sha256 = ? "
-                "ORDER BY idx LIMIT ?",
-                (sha256, limit),
-            )
+            rows = conn.execute(FIND_ARTIFACT, (sha256[:_PREFIX], sha256, limit))
             return [int(idx) for (idx,) in rows]
 
         return await self._read(find)
@@ -417,3 +495,40 @@ def _insert_audit(conn: sqlite3.Connection, rows: Sequence[AuditRow]) -> None:
             for r in rows
         ],
     )
+
+
+def _stored_version(conn: sqlite3.Connection) -> str | None:
+    """The schema version recorded in the file, or None for a new file."""
+
+    def exists(table: str) -> bool:
+        row = conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)
+        ).fetchone()
+        return row is not None
+
+    if exists("meta"):
+        row = conn.execute(
+            "SELECT value FROM meta WHERE key = 'schema_version'"
+        ).fetchone()
+        if row is not None:
+            return str(row[0])
+    # Version 2 created its tables one statement at a time and recorded its
+    # version last: tables without a version were left by a version 2 server
+    # that stopped while creating them, before it stored any entry.
+    return "2" if exists("entries") else None
+
+
+def _migrate_from_2(conn: sqlite3.Connection) -> int:
+    """Rebuild `entries` without the UNIQUE dedup_key and the two full-key
+    indexes (dropped with the old table); `open` then creates the prefix
+    indexes and records the new version. Returns the entries copied.
+    """
+    conn.execute(f"CREATE TABLE entries_v3 {_ENTRIES_COLUMNS}")
+    copied = conn.execute(
+        "INSERT INTO entries_v3 (idx, leaf, leaf_hash, dedup_key, artifact_sha256) "
+        "SELECT idx, leaf, leaf_hash, dedup_key, artifact_sha256 FROM entries "
+        "ORDER BY idx"
+    ).rowcount
+    conn.execute("DROP TABLE entries")
+    conn.execute("ALTER TABLE entries_v3 RENAME TO entries")
+    return int(copied)
