@@ -89,16 +89,8 @@ class Storage(Protocol):
 
     async def load_state(self) -> StoredState: ...
 
-    async def find_dedup(
-        self, wanted: Sequence[tuple[bytes, bytes]]
-    ) -> dict[bytes, int]:
-        """The index of each already logged dedup key among `wanted`.
-
-        `wanted` holds (artifact SHA-256 digest, dedup key) pairs; the answer
-        maps each dedup key found to the index of its entry. A dedup key is a
-        hash over claims that include the digest, so an entry with that key
-        has that digest: a backend may look keys up through the digest.
-        """
+    async def find_dedup(self, keys: Sequence[bytes]) -> dict[bytes, int]:
+        """The index of each already logged dedup key among `keys`."""
 
     async def append(
         self,

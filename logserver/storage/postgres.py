@@ -251,18 +251,14 @@ class PostgresStorage:
 
         return await self._with_conn(load)
 
-    async def find_dedup(
-        self, wanted: Sequence[tuple[bytes, bytes]]
-    ) -> dict[bytes, int]:
-        if not wanted:
+    async def find_dedup(self, keys: Sequence[bytes]) -> dict[bytes, int]:
+        if not keys:
             return {}
-        keys = list({key for _, key in wanted})
 
-        # The unique index on dedup_key answers directly; the digest is unused.
         async def find(conn: Any) -> dict[bytes, int]:
             rows = await conn.fetch(
                 "SELECT dedup_key, idx FROM entries WHERE dedup_key = ANY($1::bytea[])",
-                keys,
+                list(keys),
             )
             return {bytes(r["dedup_key"]): int(r["idx"]) for r in rows}
 

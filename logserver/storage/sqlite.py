@@ -36,12 +36,13 @@ T = TypeVar("T")
 
 SCHEMA_VERSION = "3"
 
-# Version 3 indexes the random 32-byte keys by their first 8 bytes only, and
-# drops the UNIQUE index on dedup_key (deduplication finds candidates through
-# the artifact index): every appended entry lands on a random leaf page of
-# each index, and smaller, fewer indexes keep the cost of a batch from
-# growing with the table. Queries repeat the index expression to use it and
-# compare the full column as well.
+# Version 3 indexes dedup_key and leaf_hash by their first 8 bytes only, and
+# drops the UNIQUE index on dedup_key: every appended entry lands on a random
+# leaf page of each index, and smaller indexes keep the cost of a batch from
+# growing as fast with the table. Both keys are SHA-256 outputs of our own
+# making, so no caller can pile entries onto one prefix. The artifact digest
+# is the caller's choice, so its index stays on the full value. Queries
+# repeat the index expression to use it and compare the full key as well.
 _ENTRIES_COLUMNS = """(
     idx INTEGER PRIMARY KEY,
     leaf BLOB NOT NULL,
@@ -60,10 +61,11 @@ _SCHEMA = (
     value TEXT NOT NULL
 )""",
     f"CREATE TABLE IF NOT EXISTS entries {_ENTRIES_COLUMNS}",
+    "CREATE INDEX IF NOT EXISTS entries_dedup_prefix "
+    "ON entries (substr(dedup_key, 1, 8))",
     "CREATE INDEX IF NOT EXISTS entries_leaf_hash_prefix "
     "ON entries (substr(leaf_hash, 1, 8))",
-    "CREATE INDEX IF NOT EXISTS entries_artifact_prefix "
-    "ON entries (substr(artifact_sha256, 1, 8))",
+    "CREATE INDEX IF NOT EXISTS entries_artifact ON entries (artifact_sha256, idx)",
     """CREATE TABLE IF NOT EXISTS tiles (
     level INTEGER NOT NULL,
     idx INTEGER NOT NULL,
@@ -101,22 +103,18 @@ _SCHEMA = (
 FIND_LEAF_HASH = (
     "SELECT min(idx) FROM entries WHERE substr(leaf_hash, 1, 8) = ? AND leaf_hash = ?"
 )
-FIND_ARTIFACT = (
-    "SELECT idx FROM entries "
-    "WHERE substr(artifact_sha256, 1, 8) = ? AND artifact_sha256 = ? "
-    "ORDER BY idx LIMIT ?"
-)
+FIND_ARTIFACT = "SELECT idx FROM entries WHERE artifact_sha256 = ? ORDER BY idx LIMIT ?"
 
 # SQLite limits bound parameters; 500 stays well under it.
 _CHUNK = 500
 
 
 def find_dedup_query(count: int) -> str:
-    """The candidates for `count` artifact digest prefixes: every entry of them."""
+    """The entries whose dedup key starts with one of `count` prefixes."""
     marks = ",".join("?" * count)
     return (
         "SELECT dedup_key, idx FROM entries "  # noqa: S608 (only placeholders)
-        f"WHERE substr(artifact_sha256, 1, 8) IN ({marks})"
+        f"WHERE substr(dedup_key, 1, 8) IN ({marks})"
     )
 
 
@@ -305,23 +303,19 @@ class SqliteStorage:
 
         return await self._write(load)
 
-    async def find_dedup(
-        self, wanted: Sequence[tuple[bytes, bytes]]
-    ) -> dict[bytes, int]:
-        if not wanted:
+    async def find_dedup(self, keys: Sequence[bytes]) -> dict[bytes, int]:
+        if not keys:
             return {}
-        keys = {key for _, key in wanted}
-        prefixes = sorted({digest[:_PREFIX] for digest, _ in wanted})
+        wanted = set(keys)
+        prefixes = sorted({key[:_PREFIX] for key in wanted})
 
         def find(conn: sqlite3.Connection) -> dict[bytes, int]:
             found: dict[bytes, int] = {}
-            # Equal dedup keys mean equal digests: a logged key is among the
-            # entries of its artifact, found through the artifact index.
             for at in range(0, len(prefixes), _CHUNK):
                 chunk = prefixes[at : at + _CHUNK]
                 for stored, idx in conn.execute(find_dedup_query(len(chunk)), chunk):
                     key = bytes(stored)
-                    if key in keys and (key not in found or idx < found[key]):
+                    if key in wanted and (key not in found or idx < found[key]):
                         found[key] = int(idx)
             return found
 
@@ -398,7 +392,7 @@ class SqliteStorage:
 
     async def find_artifact(self, sha256: bytes, limit: int) -> list[int]:
         def find(conn: sqlite3.Connection) -> list[int]:
-            rows = conn.execute(FIND_ARTIFACT, (sha256[:_PREFIX], sha256, limit))
+            rows = conn.execute(FIND_ARTIFACT, (sha256, limit))
             return [int(idx) for (idx,) in rows]
 
         return await self._read(find)
@@ -519,8 +513,8 @@ def _stored_version(conn: sqlite3.Connection) -> str | None:
 
 
 def _migrate_from_2(conn: sqlite3.Connection) -> int:
-    """Rebuild `entries` without the UNIQUE dedup_key and the two full-key
-    indexes (dropped with the old table); `open` then creates the prefix
+    """Rebuild `entries` without the UNIQUE dedup_key and the full leaf-hash
+    index (dropped with the old table); `open` then creates the version 3
     indexes and records the new version. Returns the entries copied.
     """
     conn.execute(f"CREATE TABLE entries_v3 {_ENTRIES_COLUMNS}")
