@@ -144,6 +144,10 @@ class Sequencer:
         self.linger = linger
         self.tree = MerkleTree()
         self.published: PublishedCheckpoint | None = None
+        # Signed (and answered with) but not yet stored: it is stored with the
+        # next batch's transaction, or on its own once nothing is waiting. A
+        # restart before then signs the same checkpoint again.
+        self._unstored: PublishedCheckpoint | None = None
 
         self._key_id = ed25519_key_id(self.origin, checkpoint_signer.public_key)
         self._queue: asyncio.Queue[Submission] = asyncio.Queue(max_pending)
@@ -183,6 +187,7 @@ class Sequencer:
         self._tasks = []
         # Answers to identical requests still writing their audit rows.
         await asyncio.gather(*self._followers, return_exceptions=True)
+        await self._store_unstored()
         while not self._queue.empty():
             self._fail([self._queue.get_nowait()], Unavailable("the log is stopping"))
 
@@ -333,6 +338,9 @@ class Sequencer:
 
     async def _store(self, checkpoint: PublishedCheckpoint) -> None:
         await self.storage.store_checkpoint(checkpoint.size, checkpoint.note)
+        unstored = self._unstored
+        if unstored is not None and unstored.size <= checkpoint.size:
+            self._unstored = None
 
     # The two stages.
 
@@ -414,6 +422,8 @@ class Sequencer:
         audit = [s.audit for s, _ in batch.new + batch.existing if s.audit is not None]
         if batch.new or audit:
             self.tree.append(row.leaf_hash for _, row in batch.new)
+            # The checkpoint of the batch before rides along: one commit.
+            carried = self._unstored
             try:
                 await self.storage.append(
                     start,
@@ -421,16 +431,17 @@ class Sequencer:
                     list(self.tree.tiles_touched(start)),
                     self.tree.root(),
                     audit,
+                    None if carried is None else (carried.size, carried.note),
                 )
             except BaseException:
                 self.tree.truncate(start)
                 self._resync_needed = True
                 raise
+            if self._unstored is carried:
+                self._unstored = None
         checkpoint = self.published
-        unstored = checkpoint is None or checkpoint.size != self.tree.size
-        if unstored:
-            checkpoint = await self._sign_checkpoint()
-        assert checkpoint is not None
+        if checkpoint is None or checkpoint.size != self.tree.size:
+            checkpoint = self._unstored = await self._sign_checkpoint()
 
         elapsed = time.perf_counter() - began
         self.metrics.entries.inc(len(batch.new))
@@ -457,15 +468,22 @@ class Sequencer:
             )
         for s, index in batch.existing:
             self._settle(s, Integrated(index, None, checkpoint, False))
-        if unstored:
-            try:
-                await self._store(checkpoint)
-            except Exception as exc:
-                self._resync_needed = True
-                logger.warning(
-                    "cannot store the checkpoint; will store it with the next batch",
-                    extra={"tree_size": checkpoint.size, "error": repr(exc)},
-                )
+        if self._signed.empty():
+            # No batch is ready to carry the checkpoint: store it now.
+            await self._store_unstored()
+
+    async def _store_unstored(self) -> None:
+        checkpoint = self._unstored
+        if checkpoint is None:
+            return
+        try:
+            await self._store(checkpoint)
+        except Exception as exc:
+            self._resync_needed = True
+            logger.warning(
+                "cannot store the checkpoint; will store it with the next batch",
+                extra={"tree_size": checkpoint.size, "error": repr(exc)},
+            )
 
     def _fail(self, batch: Sequence[Submission], exc: BaseException) -> None:
         error = _as_api_error(exc)

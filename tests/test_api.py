@@ -145,6 +145,41 @@ async def test_a_batch_may_repeat_an_entry_and_overlap_another(
     assert log_state(log_client).sequencer.tree.size == 4
 
 
+async def test_a_checkpoint_is_stored_with_the_next_batch(
+    log_client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One commit per batch: a checkpoint rides along with the next append."""
+    storage = log_state(log_client).sequencer.storage
+    writes: list[tuple[str, int | None]] = []
+    append, store = storage.append, storage.store_checkpoint
+
+    async def slow_append(*args: Any) -> None:
+        carried = args[5] if len(args) > 5 else None
+        writes.append(("append", None if carried is None else carried[0]))
+        # Long enough for the second submission to be signed and waiting.
+        await asyncio.sleep(0.3)
+        await append(*args)
+
+    async def counted_store(size: int, note: bytes) -> None:
+        writes.append(("store", size))
+        await store(size, note)
+
+    monkeypatch.setattr(storage, "append", slow_append)
+    monkeypatch.setattr(storage, "store_checkpoint", counted_store)
+    first = asyncio.create_task(submit(log_client, body_for("first")))
+    await asyncio.sleep(0.1)
+    second = await submit(log_client, body_for("second"))
+    await first
+
+    # The first checkpoint (size 1) went with the second append; the last,
+    # with nothing after it, was stored on its own.
+    assert writes == [("append", None), ("append", 1), ("store", 2)]
+    published = log_state(log_client).sequencer.published
+    assert published is not None and published.size == 2
+    assert second["checkpoint"] == published.note.decode()
+    assert (await storage.load_state()).checkpoint == published.note
+
+
 async def test_batch_submission(log_client: TestClient, log_config: Config) -> None:
     names = [f"file-{i}" for i in range(300)]
     response = await log_client.post(

@@ -99,10 +99,14 @@ class Storage(Protocol):
         tiles: Sequence[tuple[int, int, bytes]],
         root: bytes,
         audit: Sequence[AuditRow] = (),
+        checkpoint: tuple[int, bytes] | None = None,
     ) -> None:
         """Store entries at [start, start + len), their tiles, the new root and
         the decisions that allowed them, in one transaction; raise
         `TreeConflict` if the tree is not `start` long.
+
+        `checkpoint` (size, note), an earlier checkpoint not yet stored, is
+        stored in the same transaction, as `store_checkpoint` would.
         """
 
     async def store_checkpoint(self, size: int, checkpoint: bytes) -> None:

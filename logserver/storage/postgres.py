@@ -271,6 +271,7 @@ class PostgresStorage:
         tiles: Sequence[tuple[int, int, bytes]],
         root: bytes,
         audit: Sequence[AuditRow] = (),
+        checkpoint: tuple[int, bytes] | None = None,
     ) -> None:
         async def write(conn: Any) -> None:
             async with conn.transaction():
@@ -303,19 +304,13 @@ class PostgresStorage:
                     start + len(entries),
                     root,
                 )
+                if checkpoint is not None:
+                    await _store_checkpoint(conn, *checkpoint)
 
         await self._with_conn(write)
 
     async def store_checkpoint(self, size: int, checkpoint: bytes) -> None:
-        async def write(conn: Any) -> None:
-            await conn.execute(
-                "UPDATE tree SET checkpoint_size = $1, checkpoint = $2 "
-                "WHERE id = 1 AND checkpoint_size <= $1",
-                size,
-                checkpoint,
-            )
-
-        await self._with_conn(write)
+        await self._with_conn(lambda conn: _store_checkpoint(conn, size, checkpoint))
 
     async def get_leaves(self, start: int, end: int) -> list[bytes]:
         async def get(conn: Any) -> list[bytes]:
@@ -444,6 +439,16 @@ class PostgresStorage:
             return rows
 
         return await self._with_conn(write)
+
+
+async def _store_checkpoint(conn: Any, size: int, note: bytes) -> None:
+    # Never replace a checkpoint with an older one.
+    await conn.execute(
+        "UPDATE tree SET checkpoint_size = $1, checkpoint = $2 "
+        "WHERE id = 1 AND checkpoint_size <= $1",
+        size,
+        note,
+    )
 
 
 async def _insert_audit(conn: Any, rows: Sequence[AuditRow]) -> None:

@@ -328,6 +328,7 @@ class SqliteStorage:
         tiles: Sequence[tuple[int, int, bytes]],
         root: bytes,
         audit: Sequence[AuditRow] = (),
+        checkpoint: tuple[int, bytes] | None = None,
     ) -> None:
         def write(conn: sqlite3.Connection) -> None:
             conn.execute("BEGIN IMMEDIATE")
@@ -354,6 +355,8 @@ class SqliteStorage:
                     "UPDATE tree SET size = ?, root = ? WHERE id = 1",
                     (start + len(entries), root),
                 )
+                if checkpoint is not None:
+                    _store_checkpoint(conn, *checkpoint)
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
@@ -362,14 +365,7 @@ class SqliteStorage:
         await self._write(write)
 
     async def store_checkpoint(self, size: int, checkpoint: bytes) -> None:
-        def write(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "UPDATE tree SET checkpoint_size = ?, checkpoint = ? "
-                "WHERE id = 1 AND checkpoint_size <= ?",
-                (size, checkpoint, size),
-            )
-
-        await self._write(write)
+        await self._write(lambda conn: _store_checkpoint(conn, size, checkpoint))
 
     async def get_leaves(self, start: int, end: int) -> list[bytes]:
         def get(conn: sqlite3.Connection) -> list[bytes]:
@@ -478,6 +474,15 @@ class SqliteStorage:
             return rows
 
         return await self._write(write)
+
+
+def _store_checkpoint(conn: sqlite3.Connection, size: int, note: bytes) -> None:
+    # Never replace a checkpoint with an older one.
+    conn.execute(
+        "UPDATE tree SET checkpoint_size = ?, checkpoint = ? "
+        "WHERE id = 1 AND checkpoint_size <= ?",
+        (size, note, size),
+    )
 
 
 def _insert_audit(conn: sqlite3.Connection, rows: Sequence[AuditRow]) -> None:
