@@ -336,20 +336,16 @@ class SqliteStorage:
                 (size,) = conn.execute("SELECT size FROM tree WHERE id = 1").fetchone()
                 if size != start:
                     raise TreeConflict(f"tree is {size} long, expected {start}")
-                conn.executemany(
-                    "INSERT INTO entries VALUES (?, ?, ?, ?, ?)",
-                    [
-                        (
-                            start + i,
-                            e.leaf,
-                            e.leaf_hash,
-                            e.dedup_key,
-                            e.artifact_sha256,
-                        )
-                        for i, e in enumerate(entries)
-                    ],
+                values: list[object] = []
+                for i, e in enumerate(entries, start):
+                    values += (i, e.leaf, e.leaf_hash, e.dedup_key, e.artifact_sha256)
+                _insert_rows(conn, "INSERT INTO entries VALUES", 5, values)
+                _insert_rows(
+                    conn,
+                    "INSERT OR REPLACE INTO tiles VALUES",
+                    3,
+                    [value for tile in tiles for value in tile],
                 )
-                conn.executemany("INSERT OR REPLACE INTO tiles VALUES (?, ?, ?)", tiles)
                 _insert_audit(conn, audit)
                 conn.execute(
                     "UPDATE tree SET size = ?, root = ? WHERE id = 1",
@@ -485,14 +481,38 @@ def _store_checkpoint(conn: sqlite3.Connection, size: int, note: bytes) -> None:
     )
 
 
+# Rows per INSERT statement; 256 rows of 7 columns stay far below SQLite's
+# limit of 32,766 bound parameters.
+_ROWS_PER_INSERT = 256
+
+
+def _insert_rows(
+    conn: sqlite3.Connection, insert: str, width: int, values: Sequence[object]
+) -> None:
+    """Insert rows given flat, `width` values each, many rows per statement.
+
+    Not executemany: it steps once per row, giving up the GIL each time, and
+    with the event loop busy every step then waits to get it back.
+    """
+    step = _ROWS_PER_INSERT * width
+    row = "(" + ",".join("?" * width) + ")"
+    for at in range(0, len(values), step):
+        chunk = values[at : at + step]
+        marks = ",".join([row] * (len(chunk) // width))
+        conn.execute(f"{insert} {marks}", chunk)
+
+
 def _insert_audit(conn: sqlite3.Connection, rows: Sequence[AuditRow]) -> None:
-    conn.executemany(
+    values: list[object] = []
+    for r in rows:
+        values += (r.time, r.decision, r.issuer, r.subject, r.rule, r.request_id)
+        values.append(r.record)
+    _insert_rows(
+        conn,
         "INSERT INTO audit (time, decision, issuer, subject, rule, "
-        "request_id, record) VALUES (?, ?, ?, ?, ?, ?, ?)",
-        [
-            (r.time, r.decision, r.issuer, r.subject, r.rule, r.request_id, r.record)
-            for r in rows
-        ],
+        "request_id, record) VALUES",
+        7,
+        values,
     )
 
 
