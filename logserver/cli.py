@@ -243,16 +243,7 @@ async def serve(config: Config, tls: ssl.SSLContext | None = None) -> None:
         await runner.cleanup()
 
 
-# How long a thread may hold the GIL while another waits for it: 0.5 ms
-# instead of Python's 5 ms. The SQLite writer and the signing threads give
-# the GIL up for every SQLite step or signature and then wait to get it back;
-# with the event loop busy, each such wait lasted up to the whole interval,
-# which made a 1,000-row insert take seconds under load.
-SWITCH_INTERVAL_SECONDS = 0.0005
-
-
 def _run(main: Coroutine[Any, Any, None]) -> None:
-    sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
