@@ -64,11 +64,23 @@ def _write_secret(path: Path, text: str) -> None:
         out.write(text)
 
 
+def new_token() -> str:
+    """A random bearer token that does not start with "-".
+
+    One token in 64 would otherwise, and `--token -x...` on a command line
+    reads as an option.
+    """
+    while True:
+        token = secrets.token_urlsafe(32)
+        if not token.startswith("-"):
+            return token
+
+
 def load_or_create_token(path: Path) -> str:
     """A secret token file, created with owner-only permissions if absent."""
     if path.exists():
         return path.read_text().strip()
-    token = secrets.token_urlsafe(32)
+    token = new_token()
     _write_secret(path, token + "\n")
     return token
 
@@ -80,7 +92,7 @@ def new_token_line(name: str) -> tuple[str, str]:
             f"token name {name!r} must be 1 to 128 of A-Z a-z 0-9 . _ @ - "
             f"(not starting with punctuation) and not {BOOTSTRAP_SUBJECT!r}"
         )
-    token = secrets.token_urlsafe(32)
+    token = new_token()
     return token, f"{name} sha256:{token_hash(token)}"
 
 

@@ -15,7 +15,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from logserver.app import create_app
-from logserver.auth import TOKEN_ISSUER
+from logserver.auth import TOKEN_ISSUER, load_or_create_token, new_token_line
 from tests.conftest import log_state, token_header
 from tests.govern import (
     Tokens,
@@ -282,3 +282,12 @@ match = {{ issuer = "{TOKEN_ISSUER}", subject = "bootstrap" }}
     finally:
         assert server.stop() == 0
     assert "policy in force" in server.log.read_text()
+
+
+def test_new_tokens_never_look_like_an_option(tmp_path: Path) -> None:
+    """`--token TOKEN` must work on any command line: no token starts with -."""
+    # One token_urlsafe in 64 starts with "-": 2,000 would show it.
+    tokens = [new_token_line(f"ci-{i}")[0] for i in range(1000)]
+    tokens += [load_or_create_token(tmp_path / f"t{i}") for i in range(1000)]
+    assert len(set(tokens)) == 2000
+    assert not [t for t in tokens if t.startswith("-")]
