@@ -251,7 +251,13 @@ def add_routes(app: web.Application) -> None:
     app[BUNDLES] = BundleCache()
     app.router.add_get("/checkpoint", checkpoint)
     app.router.add_get("/tile/{tail:.+}", tile)
-    app.router.add_get("/api/v1/entries/{index}", get_entry)
+    # aiohttp tries a dynamic resource even when a plain one with the same
+    # path (POST /api/v1/entries/batch, api_write.py) exists but not for the
+    # method, and adds up their allowed methods. Keep "batch" out of {index}
+    # so that any non-POST method there is 405 with Allow: POST, while other
+    # non-decimal indexes still reach get_entry and its 400. The canonical
+    # path (metrics, the OpenAPI test) stays /api/v1/entries/{index}.
+    app.router.add_get(r"/api/v1/entries/{index:(?!batch\Z)[^{}/]+}", get_entry)
     app.router.add_get("/api/v1/proof/inclusion", inclusion_proof)
     app.router.add_get("/api/v1/proof/consistency", consistency_proof)
     app.router.add_get("/api/v1/artifacts/{sha256}", artifact_entries)

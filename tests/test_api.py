@@ -313,6 +313,29 @@ async def test_bad_reads_get_clear_errors(
     assert error["message"]
 
 
+async def test_batch_path_is_not_an_entry_index(log_client: TestClient) -> None:
+    """/api/v1/entries/batch is the POST route only, not a bad {index}."""
+    await submit(log_client, body_for("only"))
+    for method in ("GET", "HEAD", "PUT", "DELETE", "PATCH", "OPTIONS"):
+        response = await log_client.request(method, "/api/v1/entries/batch")
+        assert response.status == 405, (method, await response.text())
+        assert response.headers["Allow"] == "POST", method
+        if method != "HEAD":
+            error = (await response.json())["error"]
+            assert error["code"] == "method_not_allowed" and error["message"]
+
+    entry = await log_client.get("/api/v1/entries/0")
+    assert entry.status == 200
+    assert (await entry.json())["entry"]["artifact"]["name"] == "only"
+    for path in ("/api/v1/entries/abc", "/api/v1/entries/-1", "/api/v1/entries/batchx"):
+        response = await log_client.get(path)
+        assert response.status == 400, path
+        assert (await response.json())["error"] == {
+            "code": "bad_request",
+            "message": "the entry index must be a decimal number",
+        }
+
+
 async def test_bad_writes_change_nothing(log_client: TestClient) -> None:
     headers = token_header(log_client)
     url = "/api/v1/entries"

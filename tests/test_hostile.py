@@ -409,14 +409,7 @@ def test_huge_audit_cursor_is_a_bad_request(populated: ServerProcess) -> None:
 
 # Failures schemathesis may report that are known and reported, each to its
 # owner (see RELIABILITY.md); anything else fails the run.
-KNOWN_FAILURES = {
-    # /api/v1/entries/{index} (GET) also matches /api/v1/entries/batch, so a
-    # 405 there advertises Allow: GET (routes in api_read.py/api_write.py).
-    ("ST205", "OPTIONS /api/v1/entries/batch"),
-    ("ST205", "PUT /api/v1/entries/batch"),
-    ("ST205", "DELETE /api/v1/entries/batch"),
-    ("ST205", "PATCH /api/v1/entries/batch"),
-}
+KNOWN_FAILURES: set[tuple[str, str]] = set()
 
 
 def _schemathesis(
