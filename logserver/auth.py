@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import re
 import secrets
 from collections.abc import Iterable
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from logserver.errors import Unauthorized
+from signer.atomicfile import write_atomic
 
 if TYPE_CHECKING:
     from logserver.oidc import OidcVerifier
@@ -58,10 +58,9 @@ def token_hash(token: str) -> str:
 
 
 def _write_secret(path: Path, text: str) -> None:
+    """Create `path` (0600, all at once); FileExistsError if it exists."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(text)
+    write_atomic(path, text.encode(), mode=0o600, exclusive=True)
 
 
 def new_token() -> str:

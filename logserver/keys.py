@@ -8,7 +8,6 @@ removed from the configuration: old signatures remain verifiable.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import orjson
 
 from logserver.config import Config, KeyConfig
 from logserver.storage import Storage
+from signer.atomicfile import write_atomic
 from signer.keys import ArtifactSigner, CheckpointSigner, SignerError, public_key_pem
 from signer.software import SoftwareArtifactSigner, SoftwareCheckpointSigner
 from verifier.note import verifier_key
@@ -173,9 +173,7 @@ def publish_keys(keys: LogKeys, directory: Path) -> None:
         [k.as_json() for k in keys.published], option=orjson.OPT_INDENT_2
     )
     for filename, content in files.items():
-        tmp = directory / f".{filename}.tmp"
-        tmp.write_bytes(content)
-        os.replace(tmp, directory / filename)
+        write_atomic(directory / filename, content)
 
 
 __all__ = ["LogKeys", "PublishedKey", "SignerError", "open_keys", "publish_keys"]

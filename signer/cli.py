@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from signer import approve_cmd, sign_cmd
+from signer.atomicfile import write_atomic
 from signer.keys import (
     ECDSA_P256_SHA256,
     ECDSA_P384_SHA256,
@@ -266,7 +267,10 @@ def _export_pem(args: argparse.Namespace) -> int:
     if args.output is None:
         sys.stdout.write(pem.decode("ascii"))
     else:
-        args.output.write_bytes(pem)
+        if args.output.exists() and not args.output.is_file():
+            args.output.write_bytes(pem)  # a pipe or device, e.g. /dev/stdout
+        else:
+            write_atomic(args.output.resolve(), pem)  # a symlink's target
         print(f"signer: wrote {args.output}", file=sys.stderr)
     return 0
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
+from signer.atomicfile import write_atomic
 from signer.keys import (
     ECDSA_P256_SHA256,
     ECDSA_P384_SHA256,
@@ -38,10 +38,9 @@ SoftwarePrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 
 
 def _write_private(path: Path, pem: bytes) -> None:
+    """Create `path` (0600, all at once); FileExistsError if it exists."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        out.write(pem)
+    write_atomic(path, pem, mode=0o600, exclusive=True)
 
 
 def generate_artifact_key(algorithm: str) -> SoftwarePrivateKey:

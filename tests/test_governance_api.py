@@ -4,18 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import errno
 import hashlib
 import os
 import signal
+import stat
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 from aiohttp.test_utils import TestClient
 
 from logserver.app import create_app
-from logserver.auth import TOKEN_ISSUER, load_or_create_token, new_token_line
+from logserver.auth import (
+    TOKEN_ISSUER,
+    _write_secret,
+    load_or_create_token,
+    new_token_line,
+)
 from tests.conftest import log_state, token_header
 from tests.govern import (
     Tokens,
@@ -291,3 +298,48 @@ def test_new_tokens_never_look_like_an_option(tmp_path: Path) -> None:
     tokens += [load_or_create_token(tmp_path / f"t{i}") for i in range(1000)]
     assert len(set(tokens)) == 2000
     assert not [t for t in tokens if t.startswith("-")]
+
+
+def _disk_full(*args: object) -> NoReturn:
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_token_files_are_written_whole_and_private(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "secrets" / "submit.token"
+    modes: list[int] = []
+    write = os.write
+
+    def write_and_record_mode(fd: int, data: bytes) -> int:
+        modes.append(stat.S_IMODE(os.fstat(fd).st_mode))
+        return write(fd, data)
+
+    monkeypatch.setattr(os, "write", write_and_record_mode)
+    token = load_or_create_token(path)
+    monkeypatch.undo()
+    assert modes == [0o600]  # owner-only while being written, too
+    assert path.read_text() == token + "\n"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert os.listdir(path.parent) == ["submit.token"]  # no temporary file left
+    assert load_or_create_token(path) == token
+    # A token file is created, never replaced (O_EXCL's guarantee).
+    with pytest.raises(FileExistsError):
+        _write_secret(path, "another\n")
+    assert path.read_text() == token + "\n"
+    assert os.listdir(path.parent) == ["submit.token"]
+
+
+@pytest.mark.parametrize("failing", ["write", "fsync"])
+def test_a_failed_token_write_leaves_no_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str
+) -> None:
+    """A full disk mid-write leaves nothing the next start would misread."""
+    path = tmp_path / "secrets" / "admin.token"
+    monkeypatch.setattr(os, failing, _disk_full)
+    with pytest.raises(OSError, match=os.strerror(errno.ENOSPC)):
+        load_or_create_token(path)
+    monkeypatch.undo()
+    assert os.listdir(path.parent) == []
+    token = load_or_create_token(path)
+    assert path.read_text() == token + "\n"

@@ -548,6 +548,11 @@ def test_cli_generate_list_and_export(
     assert isinstance(public, ec.EllipticCurvePublicKey)
     assert cli.main(["key", "export-pem", *token, "--label", "cli-p256"]) == 0
     assert capsys.readouterr().out.encode() == pem_path.read_bytes()
+    # Written atomically (no temporary file left), yet a device still works.
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".cli-p256.pem")]
+    args = ["key", "export-pem", *token, "--label", "cli-p256", "--output"]
+    assert cli.main([*args, os.devnull]) == 0
+    capsys.readouterr()
 
     args = ["key", "export-vkey", *token, "--label", LABELS[ED25519], "--name", ORIGIN]
     assert cli.main(args) == 0
