@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import binascii
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from logserver.app import LogState
 from logserver.ceremony import request_message
 from logserver.pending import PendingRequest
 from logserver.sequencer import Integrated
-from logserver.tree import MerkleTree
 from verifier.merkle import leaf_hash
 
 
@@ -18,30 +17,8 @@ def _b64(data: bytes) -> str:
     return binascii.b2a_base64(data, newline=False).decode()
 
 
-class _Encoder:
-    """Base64 of proof hashes, each encoded once per response.
-
-    The entries of a batch sit side by side in the tree, so their inclusion
-    proofs share most of their upper hashes.
-    """
-
-    __slots__ = ("_done",)
-
-    def __init__(self) -> None:
-        self._done: dict[bytes, str] = {}
-
-    def __call__(self, data: bytes) -> str:
-        text = self._done.get(data)
-        if text is None:
-            text = self._done[data] = _b64(data)
-        return text
-
-
-def _entry_json(
-    tree: MerkleTree, result: Integrated, leaf: bytes, encode: _Encoder
-) -> dict[str, Any]:
+def _entry_json(result: Integrated, leaf: bytes, proof: list[str]) -> dict[str, Any]:
     checkpoint = result.checkpoint
-    proof = tree.inclusion_proof(result.index, checkpoint.size)
     hashed = result.leaf_hash if result.leaf_hash is not None else leaf_hash(leaf)
     return {
         "index": result.index,
@@ -50,7 +27,7 @@ def _entry_json(
         "inclusion_proof": {
             "index": result.index,
             "tree_size": checkpoint.size,
-            "hashes": [encode(h) for h in proof],
+            "hashes": proof,
         },
         "checkpoint": checkpoint.text,
     }
@@ -65,16 +42,26 @@ async def entry_response(state: LogState, result: Integrated) -> dict[str, Any]:
 async def entries_response(
     state: LogState, results: Sequence[Integrated]
 ) -> list[dict[str, Any]]:
-    """`entry_response` for each of a batch's results, in order."""
+    """`entry_response` for each of a batch's results, in order.
+
+    A batch's entries mostly sit side by side under one checkpoint, and the
+    proofs of neighbours share most of their hashes: each run of them is
+    proved by one walk of the tree.
+    """
     tree = state.sequencer.tree
-    encode = _Encoder()
     entries = []
+    proofs: Iterator[list[str]] | None = None
+    following = (-1, -1)  # (index, tree size) that would continue the run
     for result in results:
         leaf = result.leaf
         if leaf is None:
             # Found in the log rather than added now: read it back.
             (leaf,) = await state.storage.get_leaves(result.index, result.index + 1)
-        entries.append(_entry_json(tree, result, leaf, encode))
+        size = result.checkpoint.size
+        if proofs is None or following != (result.index, size):
+            proofs = tree.inclusion_proofs(result.index, size, _b64)
+        entries.append(_entry_json(result, leaf, next(proofs)))
+        following = (result.index + 1, size)
     return entries
 
 

@@ -9,8 +9,9 @@ tiles, from which `MerkleTree.from_leaf_hashes` rebuilds the rest at start.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from hashlib import sha256
+from typing import TypeVar
 
 from verifier.merkle import EMPTY_ROOT, HASH_SIZE, node_hash
 from verifier.tiles import TILE_WIDTH
@@ -19,6 +20,8 @@ TILE_HEIGHT = 8
 
 # Proofs against old tree sizes add entries too; bound the memo's size.
 _MAX_PARTIAL = 4096
+
+T = TypeVar("T")
 
 
 class MerkleTree:
@@ -134,6 +137,36 @@ class MerkleTree:
                     proof.append(self.subtree_hash(start, size))
             height += 1
         return proof
+
+    def inclusion_proofs(
+        self, start: int, size: int, encode: Callable[[bytes], T]
+    ) -> Iterator[list[T]]:
+        """PATH(m, D[0:size]) for m = start, start + 1, ... up to size - 1,
+        each hash passed through `encode`; stop consuming when done.
+
+        Leaves m - 1 and m have the same sibling at every height above the
+        highest bit in which m - 1 and m differ, so each proof after the
+        first recomputes about two heights rather than all of them: the
+        proofs of a batch's consecutive entries cost little more than one.
+        """
+        if not 0 <= start < size <= self._size:
+            raise ValueError(f"no inclusion proof for leaf {start} in a tree of {size}")
+        heights = (size - 1).bit_length()  # the heights h with 2**h < size
+        path: list[T | None] = [None] * heights
+        changed = heights
+        for index in range(start, size):
+            for height in range(changed):
+                sibling = (index >> height) ^ 1
+                first = sibling << height
+                if first >= size:
+                    # Past the end of the tree: the RFC's tree has no node there.
+                    path[height] = None
+                elif first + (1 << height) <= size:
+                    path[height] = encode(self.node(height, sibling))
+                else:
+                    path[height] = encode(self.subtree_hash(first, size))
+            yield [h for h in path if h is not None]
+            changed = min(heights, (index ^ (index + 1)).bit_length())
 
     def consistency_proof(self, old_size: int, new_size: int) -> list[bytes]:
         """PROOF(m, D[0:n]), RFC 9162 section 2.1.4.1."""

@@ -91,3 +91,16 @@ def test_out_of_range_requests_are_refused(tree: MerkleTree) -> None:
         tree.consistency_proof(5, N + 1)
     with pytest.raises(ValueError, match="outside the tree"):
         tree.subtree_hash(0, N + 1)
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 8, 13, 64, 65, 99, N])
+def test_runs_of_proofs_match_single_proofs(tree: MerkleTree, size: int) -> None:
+    for start in range(size):
+        proofs = tree.inclusion_proofs(start, size, bytes.hex)
+        for index in range(start, size):
+            expected = [h.hex() for h in tree.inclusion_proof(index, size)]
+            assert next(proofs) == expected, (start, index, size)
+        with pytest.raises(StopIteration):
+            next(proofs)
+    with pytest.raises(ValueError, match="no inclusion proof"):
+        next(tree.inclusion_proofs(size, size, bytes.hex))
