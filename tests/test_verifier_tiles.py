@@ -406,6 +406,69 @@ def test_reader_does_not_keep_a_tile_that_failed() -> None:
     assert reader.hash_at(0, 300) == HASHES[300]
 
 
+@pytest.mark.parametrize("max_tiles", [0, 1, 2, 16])
+def test_reader_cache_is_bounded(max_tiles: int) -> None:
+    """More tiles than the cache holds are read, and read right, in any order.
+
+    The cache never holds more than its bound, and no tile is fetched while
+    it is still in the cache.
+    """
+    size = BIG
+    fetched: Counter[str] = Counter()
+
+    def fetch(path: str) -> bytes:
+        tile = parse_tile_path(path)
+        assert (tile.level, tile.index) not in reader._tiles, path
+        fetched[path] += 1
+        return tiles_up_to(size)[path]
+
+    reader = TileReader(fetch, size, root(size), max_tiles)
+    bundles = [*range(0, 257, 7), *range(256, -1, -5), 3, 3, 3]
+    for bundle in bundles:
+        index = bundle * TILE_WIDTH + 17
+        assert reader.hash_at(0, index) == HASHES[index]
+        assert len(reader._tiles) <= max_tiles
+    # One batch of more tiles than the cache holds.
+    nodes = [(0, bundle * TILE_WIDTH) for bundle in range(0, 257, 3)]
+    assert reader.read_hashes(nodes) == [HASHES[i] for _, i in nodes]
+    assert len(reader._tiles) <= max_tiles
+    proof = reader.inclusion_proof(1234)
+    verify_inclusion(HASHES[1234], 1234, size, proof, root(size))
+    assert len(reader._tiles) <= max_tiles
+    # The partial tiles on the right edge are checked and fetched once only.
+    assert all(fetched[p] == 1 for p in fetched if ".p/" in p)
+    # Bundle 3's tile, read three times in a row and then in the batch, is
+    # fetched once if anything is cached at all.
+    assert fetched["tile/0/003"] == (1 if max_tiles else 4)
+
+
+def test_reader_cache_keeps_the_most_recently_used_tiles() -> None:
+    size = BIG
+    source = Source(tiles_up_to(size))
+    reader = TileReader(source, size, root(size), max_tiles=4)
+    # tile/1/000 (the parent of every full level 0 tile) and three of those.
+    for bundle in (0, 1, 2):
+        reader.hash_at(0, bundle * TILE_WIDTH)
+    assert source.fetched["tile/1/000"] == 1
+    reader.hash_at(0, 0)  # bundle 0's tile is now the most recently used
+    reader.hash_at(0, 3 * TILE_WIDTH)  # so bundle 1's tile is dropped
+    assert len(reader._tiles) == 4
+    for bundle in (0, 2, 3):
+        reader.hash_at(0, bundle * TILE_WIDTH + 1)
+    assert source.fetched["tile/0/000"] == 1
+    assert source.fetched["tile/0/002"] == 1
+    assert source.fetched["tile/0/003"] == 1
+    assert source.fetched["tile/1/000"] == 1
+    reader.hash_at(0, 1 * TILE_WIDTH)  # dropped: fetched and checked again
+    assert source.fetched["tile/0/001"] == 2
+
+
+def test_reader_cache_bound_defaults_and_must_not_be_negative() -> None:
+    assert TileReader(Source({}), 0, EMPTY_ROOT).max_tiles == 1024
+    with pytest.raises(ValueError, match="negative"):
+        TileReader(Source({}), 0, EMPTY_ROOT, max_tiles=-1)
+
+
 def test_reader_rejects_bad_entry_bundles_and_short_tiles() -> None:
     tiles = tiles_up_to(1000)
     forged = dict(tiles)

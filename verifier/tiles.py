@@ -9,6 +9,7 @@ trust, checking every tile against a trusted root hash before using it.
 from __future__ import annotations
 
 import re
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -31,6 +32,8 @@ MAX_LEVEL = 63
 MAX_TILE_INDEX = (1 << 56) - 1
 MAX_ENTRY_SIZE = 0xFFFF
 MAX_BUNDLE_SIZE = TILE_WIDTH * (2 + MAX_ENTRY_SIZE)
+# Checked full tiles a TileReader keeps (8 KiB of hashes each) by default.
+DEFAULT_CACHED_TILES = 1024
 
 _MAX_PATH_LENGTH = 64
 _TILE_PATH = re.compile(
@@ -175,6 +178,11 @@ def _tile_of(node: Node) -> tuple[TileKey, int, int]:
     return (level, first // TILE_WIDTH), start, start + (1 << rest)
 
 
+def _node_hash(tiles: dict[TileKey, list[bytes]], node: Node) -> bytes:
+    key, start, end = _tile_of(node)
+    return root_from_leaf_hashes(tiles[key][start:end])
+
+
 class TileReader:
     """Tree hashes and proofs read from tiles that are not trusted.
 
@@ -182,19 +190,32 @@ class TileReader:
     the right edge of the tree must hash to the trusted root, and a full
     tile must hash to its parent hash in a checked tile one level up.
     `fetch` takes a tile path such as "tile/0/x001/067" and returns its bytes.
+
+    Checked tiles are kept so that they are not fetched again: the partial
+    tiles of the right edge (at most one per level) for as long as the
+    reader lives, and up to `max_tiles` full tiles, the least recently used
+    dropped first. A dropped tile is fetched and checked again if needed.
     """
 
     def __init__(
-        self, fetch: Callable[[str], bytes], tree_size: int, root_hash: bytes
+        self,
+        fetch: Callable[[str], bytes],
+        tree_size: int,
+        root_hash: bytes,
+        max_tiles: int = DEFAULT_CACHED_TILES,
     ) -> None:
         if not 0 <= tree_size <= (1 << 64) - 1:
             raise ValueError(f"tree size {tree_size} is out of range")
         if len(root_hash) != HASH_SIZE:
             raise ValueError("root hash must be 32 bytes")
+        if max_tiles < 0:
+            raise ValueError(f"max_tiles {max_tiles} is negative")
         self._fetch = fetch
         self.tree_size = tree_size
         self.root_hash = root_hash
-        self._tiles: dict[TileKey, list[bytes]] = {}
+        self.max_tiles = max_tiles
+        self._edge: dict[TileKey, list[bytes]] = {}
+        self._tiles: OrderedDict[TileKey, list[bytes]] = OrderedDict()
         self._edge_checked = False
 
     def hash_at(self, height: int, index: int) -> bytes:
@@ -206,8 +227,8 @@ class TileReader:
         for height, index in nodes:
             if height < 0 or index < 0 or (index + 1) << height > self.tree_size:
                 raise ValueError(f"no node ({height}, {index}) in the tree")
-        self._load(_tile_of(node)[0] for node in nodes)
-        return [self._node(node) for node in nodes]
+        tiles = self._load(_tile_of(node)[0] for node in nodes)
+        return [_node_hash(tiles, node) for node in nodes]
 
     def range_hash(self, start: int, end: int) -> bytes:
         """MTH(D[start:end]) for a range that is a subtree of the tree."""
@@ -238,39 +259,59 @@ class TileReader:
         hashes = iter(self.read_hashes([node for plan in plans for node in plan]))
         return [fold_nodes([next(hashes) for _ in plan]) for plan in plans]
 
-    def _node(self, node: Node) -> bytes:
-        key, start, end = _tile_of(node)
-        return root_from_leaf_hashes(self._tiles[key][start:end])
-
     def _read_tile(self, key: TileKey) -> list[bytes]:
         level, index = key
         width = tile_width(level, index, self.tree_size)
         return parse_hash_tile(self._fetch(tile_path(level, index, width)), width)
 
-    def _load(self, keys: Iterable[TileKey]) -> None:
-        """Fetch and check the tiles with these keys, and the tiles above them.
+    def _cached(self, key: TileKey) -> list[bytes] | None:
+        hashes = self._edge.get(key)
+        if hashes is None:
+            hashes = self._tiles.get(key)
+            if hashes is not None:
+                self._tiles.move_to_end(key)
+        return hashes
+
+    def _keep(self, key: TileKey, hashes: list[bytes]) -> None:
+        self._tiles[key] = hashes
+        while len(self._tiles) > self.max_tiles:
+            self._tiles.popitem(last=False)
+
+    def _load(self, keys: Iterable[TileKey]) -> dict[TileKey, list[bytes]]:
+        """The checked tiles with these keys, and the tiles above them.
 
         1. Check the right edge once: its partial tiles must give the root.
-        2. Add, for every full tile, the tiles above it up to a partial one.
+        2. Add, for every full tile not kept, the tiles above it up to a
+           kept or partial one.
         3. Check and keep the full tiles top down, each against its parent.
+
+        The tiles are returned too, so that a batch larger than the cache
+        can be answered: a tile dropped from the cache is still here.
         """
         # 1.
         if not self._edge_checked:
             self._check_edge()
         # 2.
+        tiles: dict[TileKey, list[bytes]] = {}
         wanted: set[TileKey] = set()
         for key in keys:
-            while key not in self._tiles and key not in wanted:
+            while key not in tiles and key not in wanted:
+                hashes = self._cached(key)
+                if hashes is not None:
+                    tiles[key] = hashes
+                    break
                 wanted.add(key)
                 key = (key[0] + 1, key[1] // TILE_WIDTH)
         # 3.
         for key in sorted(wanted, reverse=True):
             level, index = key
-            parent = self._tiles[(level + 1, index // TILE_WIDTH)]
+            parent = tiles[(level + 1, index // TILE_WIDTH)]
             hashes = self._read_tile(key)
             if root_from_leaf_hashes(hashes) != parent[index % TILE_WIDTH]:
                 raise VerificationError("tile does not match the tree")
-            self._tiles[key] = hashes
+            tiles[key] = hashes
+            self._keep(key, hashes)
+        return tiles
 
     def _check_edge(self) -> None:
         edge: dict[TileKey, list[bytes]] = {}
@@ -288,5 +329,5 @@ class TileReader:
         root = fold_nodes(hashes) if hashes else EMPTY_ROOT
         if root != self.root_hash:
             raise VerificationError("tiles do not match the tree root")
-        self._tiles.update(edge)
+        self._edge = edge
         self._edge_checked = True
