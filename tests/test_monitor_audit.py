@@ -132,6 +132,26 @@ def test_monitor_resumes_from_an_older_checkpoint(
     assert "checked 4464 new entries" in err
 
 
+def test_a_failed_state_save_keeps_the_old_state_and_no_temporary_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    verifier = NoteVerifier.from_key(REFERENCE_KEY)
+    older = (REFERENCE / "older-checkpoints" / "checkpoint.65536").read_bytes()
+    newer = (REFERENCE / "checkpoint").read_bytes()
+    save_state(tmp_path, MonitorState(open_checkpoint(older, verifier), 65536))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    saved = (tmp_path / "state.json").read_bytes()
+
+    def disk_full(src: object, dst: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("verifier.monitor.os.replace", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        save_state(tmp_path, MonitorState(open_checkpoint(newer, verifier), 70000))
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert (tmp_path / "state.json").read_bytes() == saved
+
+
 def test_monitor_polls_until_stopped(tmp_path: Path) -> None:
     command = [
         sys.executable, "-m", "verifier.cli", "monitor", "--log", str(REFERENCE),

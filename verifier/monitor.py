@@ -148,11 +148,16 @@ def save_state(directory: Path, state: MonitorState) -> None:
     )
     path = directory / STATE_FILE
     temporary = directory / f".{STATE_FILE}.{os.getpid()}.tmp"
-    with temporary.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
+    try:
+        with temporary.open("wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    finally:
+        # Gone after a successful rename; after a failure (disk full), the
+        # old state stays and no half-written file is left beside it.
+        temporary.unlink(missing_ok=True)
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
