@@ -140,6 +140,24 @@ def check(args: argparse.Namespace) -> int:
     return 0 if evaluation is None or evaluation.allowed else 1
 
 
+def _append_line(path: Path, line: str) -> None:
+    """Add `line` to the end of `path` (created 0600) in one write, durably.
+
+    A file whose last line has no newline gets one first, so the new line
+    never runs into it.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    try:
+        data = line.encode() + b"\n"
+        end = os.lseek(fd, 0, os.SEEK_END)
+        if end > 0 and os.pread(fd, 1, end - 1) != b"\n":
+            data = b"\n" + data
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def create_token(args: argparse.Namespace) -> int:
     try:
         token, line = new_token_line(args.name)
@@ -147,9 +165,7 @@ def create_token(args: argparse.Namespace) -> int:
         return _fail(str(exc), 2)
     if args.append is not None:
         try:
-            fd = os.open(args.append, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            with os.fdopen(fd, "a") as out:
-                out.write(line + "\n")
+            _append_line(args.append, line)
         except OSError as exc:
             return _fail(f"cannot append to {args.append}: {exc}")
         print(f"added to {args.append}: {line}", file=sys.stderr)

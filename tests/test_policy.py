@@ -375,8 +375,25 @@ def test_token_create(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert token and token not in tokens.read_text()
     entries = parse_tokens_file(tokens.read_text(), str(tokens))
     assert entries == [("ci-nightly", bytes.fromhex(token_hash(token)))]
+    assert tokens.stat().st_mode & 0o777 == 0o600
     assert "SIGHUP" in captured.err
     assert main(["token", "create", "bad name"]) == 2
+
+
+def test_token_create_appends_after_a_last_line_without_newline(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tokens = tmp_path / "tokens"
+    first = "deploy sha256:" + "ab" * 32
+    tokens.write_text(first)  # edited by hand, no final newline
+    assert main(["token", "create", "ci-nightly", "--append", str(tokens)]) == 0
+    token = capsys.readouterr().out.strip()
+    entries = parse_tokens_file(tokens.read_text(), str(tokens))
+    assert entries == [
+        ("deploy", bytes.fromhex("ab" * 32)),
+        ("ci-nightly", bytes.fromhex(token_hash(token))),
+    ]
+    assert tokens.read_text().endswith("\n")
 
 
 ROOT = Path(__file__).resolve().parent.parent
