@@ -37,6 +37,7 @@ from typing import IO, Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from signer.atomicfile import write_atomic
 from verifier.bundle import make_bundle, parse_bundle
 from verifier.errors import FormatError, VerificationError
 from verifier.leaf import Leaf
@@ -481,15 +482,9 @@ def _check_claims(
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with temporary.open("wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
+        write_atomic(path, data)
     except OSError as e:
-        temporary.unlink(missing_ok=True)
         raise SignError(f"cannot write {path}: {e.strerror}") from e
 
 

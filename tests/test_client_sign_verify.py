@@ -195,6 +195,22 @@ def test_sign_json_output_dir_and_claims(
     )
 
 
+def test_sign_reports_a_bundle_it_cannot_write_and_leaves_nothing_behind(
+    server: ServerProcess, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (artifact,) = files(tmp_path / "dist", "app.tar.gz")
+    out_dir = tmp_path / "bundles"
+    (out_dir / "app.tar.gz.sigbundle").mkdir(parents=True)  # in the way
+    code = sign(
+        str(artifact), "--log", server.url, "--token", server.token,
+        "--log-key", vkey(server), "--output", str(out_dir),
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert code != 0
+    assert f"cannot write {out_dir / 'app.tar.gz.sigbundle'}" in err
+    assert [p.name for p in out_dir.iterdir()] == ["app.tar.gz.sigbundle"]
+
+
 def test_verify_exit_codes(
     server: ServerProcess, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
