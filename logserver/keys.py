@@ -8,6 +8,7 @@ removed from the configuration: old signatures remain verifiable.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,7 +76,16 @@ async def _artifact_signer(config: Config, name: str, key: KeyConfig) -> Artifac
 
         return await Pkcs11ArtifactSigner.open(name, key.pkcs11, key.algorithm)
     path = _secrets_dir(config) / f"artifact-{name}.pem"
-    return SoftwareArtifactSigner.load_or_create(name, path, key.algorithm)
+    return SoftwareArtifactSigner.load_or_create(
+        name, path, key.algorithm, processes=_signing_processes()
+    )
+
+
+def _signing_processes() -> int:
+    """Worker processes for a software key's large batches: none on one CPU."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0
+    cpus = cpus or os.cpu_count() or 1
+    return 0 if cpus < 2 else min(cpus, 4)
 
 
 async def _checkpoint_signer(config: Config, origin: str) -> CheckpointSigner:

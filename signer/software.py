@@ -1,7 +1,8 @@
 """Software keys kept in files: for development and trials, not production.
 
 Private keys live in PKCS#8 PEM files created with mode 0600. Signing runs on
-a thread so that the event loop never waits on it.
+a thread so that the event loop never waits on it, or for large batches in
+worker processes when the signer is given some (signer/signing_processes.py).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from signer.keys import (
     ArtifactKey,
     SignerError,
 )
+from signer.signing_processes import ProcessesUnavailable, SigningProcesses
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +35,11 @@ _ECDSA_PREHASHED = ec.ECDSA(_PREHASHED_SHA256)
 # Signing in batches this large per thread hop keeps the hop cost negligible
 # while letting other work interleave with a long batch.
 _CHUNK = 256
+
+# Batches at least this large go to the signing processes, when there are
+# some: below it, the round trip to another process costs more than the
+# signatures it would take off the server's GIL.
+PROCESS_BATCH = 128
 
 SoftwarePrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 
@@ -61,7 +68,8 @@ def _key_fits(key: SoftwarePrivateKey, algorithm: str) -> bool:
     return algorithm in (RSA_PKCS1V15_SHA256, RSA_PSS_SHA256)
 
 
-def _sign_one(key: SoftwarePrivateKey, algorithm: str, digest: bytes) -> bytes:
+def sign_digest(key: SoftwarePrivateKey, algorithm: str, digest: bytes) -> bytes:
+    """Sign a SHA-256 digest as `algorithm` says (DER for ECDSA)."""
     if isinstance(key, ec.EllipticCurvePrivateKey):
         return key.sign(digest, _ECDSA_PREHASHED)
     if algorithm == RSA_PSS_SHA256:
@@ -73,13 +81,34 @@ def _sign_one(key: SoftwarePrivateKey, algorithm: str, digest: bytes) -> bytes:
 class SoftwareArtifactSigner(ArtifactKey):
     """An artifact key held in memory, loaded from or created in a PEM file."""
 
-    def __init__(self, name: str, algorithm: str, key: SoftwarePrivateKey) -> None:
+    def __init__(
+        self,
+        name: str,
+        algorithm: str,
+        key: SoftwarePrivateKey,
+        *,
+        processes: int = 0,
+    ) -> None:
+        """`processes`: worker processes for large batches (0: threads only)."""
         super().__init__(name, algorithm, key.public_key())
         self._key = key
+        self._processes: SigningProcesses | None = None
+        if processes > 0:
+            der = key.private_bytes(
+                serialization.Encoding.DER,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+            self._processes = SigningProcesses(name, der, algorithm, processes)
 
     @classmethod
     def load_or_create(
-        cls, name: str, path: Path, algorithm: str = ECDSA_P256_SHA256
+        cls,
+        name: str,
+        path: Path,
+        algorithm: str = ECDSA_P256_SHA256,
+        *,
+        processes: int = 0,
     ) -> SoftwareArtifactSigner:
         if path.exists():
             loaded = serialization.load_pem_private_key(path.read_bytes(), None)
@@ -90,7 +119,7 @@ class SoftwareArtifactSigner(ArtifactKey):
                     f"{path} holds a key that cannot sign {algorithm}: a key's "
                     "algorithm is fixed; add a new key under another name instead"
                 )
-            return cls(name, algorithm, loaded)
+            return cls(name, algorithm, loaded, processes=processes)
         key = generate_artifact_key(algorithm)
         pem = key.private_bytes(
             serialization.Encoding.PEM,
@@ -102,15 +131,24 @@ class SoftwareArtifactSigner(ArtifactKey):
             "generated software artifact key",
             extra={"key": name, "path": str(path), "algorithm": algorithm},
         )
-        return cls(name, algorithm, key)
+        return cls(name, algorithm, key, processes=processes)
+
+    @property
+    def processes(self) -> SigningProcesses | None:
+        return self._processes
 
     def sign_digests_sync(self, digests: Sequence[bytes]) -> list[bytes]:
-        return [_sign_one(self._key, self._algorithm, d) for d in digests]
+        return [sign_digest(self._key, self._algorithm, d) for d in digests]
 
     async def sign_digests(self, digests: Sequence[bytes]) -> list[bytes]:
         if len(digests) <= 4:
             # A thread hop costs more than a few ECDSA signatures.
             return self.sign_digests_sync(digests)
+        if self._processes is not None and len(digests) >= PROCESS_BATCH:
+            try:
+                return await self._processes.sign(digests)
+            except ProcessesUnavailable:
+                pass  # logged by SigningProcesses; the threads still sign
         signatures: list[bytes] = []
         for start in range(0, len(digests), _CHUNK):
             chunk = digests[start : start + _CHUNK]
@@ -118,7 +156,8 @@ class SoftwareArtifactSigner(ArtifactKey):
         return signatures
 
     async def aclose(self) -> None:
-        return None
+        if self._processes is not None:
+            await self._processes.aclose()
 
 
 class SoftwareCheckpointSigner:

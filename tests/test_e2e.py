@@ -5,16 +5,21 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from tlog_scales.backend import HttpBackend
 from tlog_scales.reader import TilesReader
 from tlog_scales.signing import Vkey
 from tlog_scales.tiles import leaf_hash as scales_leaf_hash
 
+from signer.software import PROCESS_BATCH
 from tests.serverproc import ServerProcess
 from verifier.checkpoint import open_checkpoint
 from verifier.note import NoteVerifier
@@ -59,6 +64,68 @@ def test_signature_verifies_with_openssl(server: ServerProcess, tmp_path: Path) 
     )
     assert result.returncode != 0
     assert server.stop() == 0
+
+
+def _signing_workers(pid: int) -> list[int]:
+    """The server's spawned children (its software key's signing processes)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[1]) == pid and fields[0] != "Z" and b"spawn_main" in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs")
+def test_a_large_batch_is_signed_in_worker_processes(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    artifacts = []
+    for i in range(PROCESS_BATCH + 72):
+        path = tmp_path / f"lib-{i}.tar.gz"
+        path.write_bytes(b"release %d\n" % i)
+        artifacts.append(path)
+    entries = [
+        entry(p.name, hashlib.sha256(p.read_bytes()).hexdigest()) for p in artifacts
+    ]
+    status, answer = server.post("api/v1/entries/batch", {"entries": entries})
+    assert status == 201, answer
+    workers = _signing_workers(server.proc.pid)
+    assert workers, "the batch was not signed by worker processes"
+
+    pem = server.data / "public" / "default.pem"
+    public = serialization.load_pem_public_key(pem.read_bytes())
+    assert isinstance(public, ec.EllipticCurvePublicKey)
+    signatures = []
+    for path, result in zip(artifacts, answer["entries"], strict=True):
+        leaf = json.loads(base64.b64decode(result["leaf"]))
+        assert leaf["artifact"]["name"] == path.name
+        signature = base64.b64decode(leaf["signature"]["value"])
+        public.verify(signature, path.read_bytes(), ec.ECDSA(hashes.SHA256()))
+        signatures.append(signature)
+    for i in (0, len(artifacts) // 2, len(artifacts) - 1):
+        sig_file = tmp_path / f"{i}.sig"
+        sig_file.write_bytes(signatures[i])
+        result = subprocess.run(
+            ["openssl", "dgst", "-sha256", "-verify", str(pem),
+             "-signature", str(sig_file), str(artifacts[i])],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        assert result.returncode == 0 and "Verified OK" in result.stdout, result
+
+    assert server.stop() == 0
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{w}").exists() for w in workers):
+        assert time.monotonic() < deadline, "signing workers outlived the server"
+        time.sleep(0.05)
 
 
 def test_independent_client_reads_and_verifies_the_log(server: ServerProcess) -> None:
