@@ -50,6 +50,12 @@ def parse_args() -> argparse.Namespace:
         help="drop this index first (entries_artifact, entries_dedup_prefix, "
         "entries_leaf_hash_prefix, audit_decision)",
     )
+    parser.add_argument(
+        "--wal-autocheckpoint",
+        type=int,
+        metavar="PAGES",
+        help="set SQLite's wal_autocheckpoint on the writer (server: default)",
+    )
     args = parser.parse_args()
     if min(args.entries, args.batch, args.step) < 1:
         parser.error("--entries, --batch and --step must be positive")
@@ -62,6 +68,10 @@ async def run(args: argparse.Namespace, directory: Path) -> None:
     if args.without_index:
         name = args.without_index
         await storage._write(lambda conn: conn.execute(f'DROP INDEX "{name}"'))
+
+    if args.wal_autocheckpoint is not None:
+        pages = args.wal_autocheckpoint
+        await storage._write(lambda c: c.execute(f"PRAGMA wal_autocheckpoint={pages}"))
 
     print(f"{'entries':>9} | {'ms/batch':>8} | {'CPU ms/batch':>12} | "
           f"{'us/entry':>8} | {'CPU us/entry':>12}")  # fmt: skip
