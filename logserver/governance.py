@@ -629,7 +629,9 @@ class Governance:
         request = PendingRequest.from_row(row).current(int(time.time()))
         if request.state == "approved":
             # Signed but not yet recorded (a crash, or another server): look.
-            found = await self.storage.find_dedup([request.dedup_key()])
+            found = await self.storage.find_dedup(
+                [(bytes.fromhex(request.sha256), request.dedup_key())]
+            )
             index = found.get(request.dedup_key())
             if index is not None:
                 await self._mark_logged(request.id, index)

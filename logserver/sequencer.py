@@ -371,7 +371,7 @@ class Sequencer:
                     self._queue.task_done()
 
     async def _sign(self, batch: list[Submission]) -> _Batch:
-        found = await self.storage.find_dedup([s.dedup_key for s in batch])
+        found = await self.storage.find_dedup([(s.digest, s.dedup_key) for s in batch])
         existing = [(s, found[s.dedup_key]) for s in batch if s.dedup_key in found]
         fresh = [s for s in batch if s.dedup_key not in found]
 

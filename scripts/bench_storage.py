@@ -47,7 +47,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--without-index",
         metavar="NAME",
-        help="drop this index first (entries_artifact, entries_dedup_prefix, "
+        help="drop this index first (entries_artifact_dedup, "
         "entries_leaf_hash_prefix, audit_decision)",
     )
     parser.add_argument(

@@ -469,7 +469,7 @@ async def test_a_batch_larger_than_the_queue_is_refused_at_once(
     assert "max_pending" in (await response.json())["error"]["message"]
 
 
-# Storage: the SQLite schema (version 3) and its migration from version 2.
+# Storage: the SQLite schema (version 4) and its migrations from versions 2 and 3.
 
 # The SQLite schema of version 2, as that server created it.
 V2_SCHEMA = """
@@ -520,7 +520,15 @@ CREATE TABLE IF NOT EXISTS requests (
 """
 
 
-V3_INDEXES = {"entries_dedup_prefix", "entries_leaf_hash_prefix", "entries_artifact"}
+# The indexes a version 3 server added on `entries` (its table was version 2's
+# without UNIQUE on dedup_key).
+V3_INDEXES_SQL = """
+CREATE INDEX entries_dedup_prefix ON entries (substr(dedup_key, 1, 8));
+CREATE INDEX entries_leaf_hash_prefix ON entries (substr(leaf_hash, 1, 8));
+CREATE INDEX entries_artifact ON entries (artifact_sha256, idx);
+"""
+
+V4_INDEXES = {"entries_leaf_hash_prefix", "entries_artifact_dedup"}
 
 
 def entry_row(name: str, digest: bytes | None = None) -> EntryRow:
@@ -591,7 +599,7 @@ async def test_a_version_2_sqlite_database_is_migrated(
         migrations = [r for r in caplog.records if r.getMessage().startswith("migr")]
         assert len(migrations) == 1
         assert migrations[0].__dict__["entries"] == 5
-        assert await storage.get_meta("schema_version") == "3"
+        assert await storage.get_meta("schema_version") == "4"
         assert await storage.get_meta("origin") == "old.example/log"
         state = await storage.load_state()
         assert (state.size, state.root, state.leaf_hashes) == (5, root, hashes)
@@ -603,7 +611,7 @@ async def test_a_version_2_sqlite_database_is_migrated(
         assert await storage.find_artifact(shared, 10) == [1, 3]
         assert await storage.find_artifact(shared, 1) == [1]
         assert await storage.find_artifact(rows[2].artifact_sha256, 10) == [2]
-        wanted = [r.dedup_key for r in rows]
+        wanted = [(r.artifact_sha256, r.dedup_key) for r in rows]
         assert await storage.find_dedup(wanted) == {
             r.dedup_key: i for i, r in enumerate(rows)
         }
@@ -613,13 +621,13 @@ async def test_a_version_2_sqlite_database_is_migrated(
         assert request is not None and request.lookup == "look"
 
         # The log goes on from where it was.
-        await append_rows(storage, [entry_row("v3-5", shared)])
+        await append_rows(storage, [entry_row("v4-5", shared)])
         assert await storage.find_artifact(shared, 10) == [1, 3, 5]
         assert (await storage.load_state()).size == 6
     finally:
         await storage.close()
 
-    assert entry_indexes(path) == V3_INDEXES
+    assert entry_indexes(path) == V4_INDEXES
     with contextlib.closing(sqlite3.connect(path)) as db:
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
         sql = db.execute(
@@ -639,21 +647,80 @@ async def test_a_version_2_sqlite_database_is_migrated(
         await again.close()
 
 
+def v3_schema() -> str:
+    v2_indexes = (
+        "CREATE INDEX IF NOT EXISTS entries_leaf_hash ON entries (leaf_hash);\n"
+        "CREATE INDEX IF NOT EXISTS entries_artifact "
+        "ON entries (artifact_sha256, idx);\n"
+    )
+    assert v2_indexes in V2_SCHEMA and "NOT NULL UNIQUE," in V2_SCHEMA
+    return V2_SCHEMA.replace("NOT NULL UNIQUE,", "NOT NULL,").replace(
+        v2_indexes, V3_INDEXES_SQL
+    )
+
+
+async def test_a_version_3_sqlite_database_is_migrated(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "log.db"
+    shared = hashlib.sha256(b"shared artifact").digest()
+    rows = [entry_row(f"v3-{i}", shared if i in (0, 4) else None) for i in range(5)]
+    hashes = b"".join(r.leaf_hash for r in rows)
+    root = root_from_leaf_hashes([r.leaf_hash for r in rows])
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.executescript(v3_schema())
+        db.execute("INSERT INTO meta VALUES ('schema_version', '3')")
+        db.executemany(
+            "INSERT INTO entries VALUES (?, ?, ?, ?, ?)",
+            [
+                (i, r.leaf, r.leaf_hash, r.dedup_key, r.artifact_sha256)
+                for i, r in enumerate(rows)
+            ],
+        )
+        db.execute("INSERT INTO tiles VALUES (0, 0, ?)", (hashes,))
+        db.execute("INSERT INTO tree VALUES (1, 5, ?, 5, ?)", (root, b"checkpoint"))
+    assert "entries_dedup_prefix" in entry_indexes(path)
+
+    storage = SqliteStorage(path)
+    with caplog.at_level(logging.INFO, logger="logserver.storage.sqlite"):
+        await storage.open()
+    try:
+        (migration,) = [r for r in caplog.records if r.getMessage().startswith("migr")]
+        assert migration.__dict__["from_version"] == "3"
+        assert migration.__dict__["entries"] == 5
+        assert await storage.get_meta("schema_version") == "4"
+        state = await storage.load_state()
+        assert (state.size, state.root, state.leaf_hashes) == (5, root, hashes)
+        assert await storage.find_artifact(shared, 10) == [0, 4]
+        assert await storage.find_dedup(
+            [(r.artifact_sha256, r.dedup_key) for r in rows]
+        ) == {r.dedup_key: i for i, r in enumerate(rows)}
+        for i, r in enumerate(rows):
+            assert await storage.find_leaf_hash(r.leaf_hash) == i
+        await append_rows(storage, [entry_row("v4-5", shared)])
+        assert await storage.find_artifact(shared, 10) == [0, 4, 5]
+    finally:
+        await storage.close()
+    assert entry_indexes(path) == V4_INDEXES
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
 async def test_a_newer_sqlite_schema_is_refused_untouched(tmp_path: Path) -> None:
     path = tmp_path / "log.db"
     with contextlib.closing(sqlite3.connect(path)) as db, db:
         db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-        db.execute("INSERT INTO meta VALUES ('schema_version', '4')")
+        db.execute("INSERT INTO meta VALUES ('schema_version', '5')")
     storage = SqliteStorage(path)
     try:
-        with pytest.raises(StorageError, match=r"version 4.*upgrade the server"):
+        with pytest.raises(StorageError, match=r"version 5.*upgrade the server"):
             await storage.open()
     finally:
         await storage.close()
     with contextlib.closing(sqlite3.connect(path)) as db:
         tables = {n for (n,) in db.execute("SELECT name FROM sqlite_master")}
         assert tables == {"meta", "sqlite_autoindex_meta_1"}
-        assert db.execute("SELECT value FROM meta").fetchall() == [("4",)]
+        assert db.execute("SELECT value FROM meta").fetchall() == [("5",)]
 
 
 async def test_sqlite_lookups_use_the_entry_indexes(tmp_path: Path) -> None:
@@ -661,41 +728,45 @@ async def test_sqlite_lookups_use_the_entry_indexes(tmp_path: Path) -> None:
     storage = SqliteStorage(path)
     await storage.open()
     try:
-        assert await storage.get_meta("schema_version") == "3"
+        assert await storage.get_meta("schema_version") == "4"
         await append_rows(storage, [entry_row(f"plan-{i}") for i in range(20)])
     finally:
         await storage.close()
-    assert entry_indexes(path) == V3_INDEXES
+    assert entry_indexes(path) == V4_INDEXES
 
     key = bytes(range(32))
-    # find_leaf_hash, find_artifact and find_dedup, as they query.
+    # find_leaf_hash, find_artifact and find_dedup, as they query; the
+    # artifact lookup sorts the digest's entries by index (few, as a rule).
     queries = [
         (
             sqlite_storage.FIND_LEAF_HASH,
             (key[:8], key),
             "entries_leaf_hash_prefix (<expr>=?)",
+            False,
         ),
         (
             sqlite_storage.FIND_ARTIFACT,
             (key, 100),
-            "entries_artifact (artifact_sha256=?)",
+            "entries_artifact_dedup (artifact_sha256=?)",
+            True,
         ),
         (
             sqlite_storage.find_dedup_query(2),
-            (key[:8], bytes(8)),
-            "entries_dedup_prefix (<expr>=?)",
+            (key, key[:8], bytes(32), bytes(8)),
+            "entries_artifact_dedup (artifact_sha256=? AND <expr>=?)",
+            False,
         ),
     ]
     with contextlib.closing(sqlite3.connect(path)) as db:
-        for query, parameters, index in queries:
+        for query, parameters, index, sorts in queries:
             plan = " | ".join(
                 str(row[-1])
                 for row in db.execute(f"EXPLAIN QUERY PLAN {query}", parameters)
             )
             assert "SEARCH entries USING " in plan, (query, plan)
             assert f"INDEX {index}" in plan, (query, plan)
-            # The indexes keep equal keys in idx order: no sort.
-            assert "TEMP B-TREE" not in plan, (query, plan)
+            assert "SCAN entries" not in plan, (query, plan)
+            assert ("TEMP B-TREE" in plan) == sorts, (query, plan)
 
 
 async def test_find_dedup_matches_exact_keys_only(database_url: str) -> None:
@@ -713,13 +784,20 @@ async def test_find_dedup_matches_exact_keys_only(database_url: str) -> None:
     try:
         await append_rows(storage, rows)
         assert await storage.find_dedup([]) == {}
-        assert await storage.find_dedup([first.dedup_key]) == {first.dedup_key: 0}
-        assert await storage.find_dedup([second.dedup_key]) == {second.dedup_key: 1}
-        assert await storage.find_dedup([twin]) == {}
-        # More keys than one query takes, most of them never logged.
-        wanted = [hashlib.sha256(b"k%d" % i).digest() for i in range(1200)]
-        wanted[700:700] = [r.dedup_key for r in rows]
-        wanted.append(twin)
+        assert await storage.find_dedup([(digest, first.dedup_key)]) == {
+            first.dedup_key: 0
+        }
+        assert await storage.find_dedup([(digest, second.dedup_key)]) == {
+            second.dedup_key: 1
+        }
+        assert await storage.find_dedup([(digest, twin)]) == {}
+        # More pairs than one query takes, most of them never logged.
+        wanted = [
+            (hashlib.sha256(b"a%d" % i).digest(), hashlib.sha256(b"k%d" % i).digest())
+            for i in range(1200)
+        ]
+        wanted[700:700] = [(r.artifact_sha256, r.dedup_key) for r in rows]
+        wanted.append((digest, twin))
         assert await storage.find_dedup(wanted) == {
             first.dedup_key: 0,
             second.dedup_key: 1,

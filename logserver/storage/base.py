@@ -89,8 +89,15 @@ class Storage(Protocol):
 
     async def load_state(self) -> StoredState: ...
 
-    async def find_dedup(self, keys: Sequence[bytes]) -> dict[bytes, int]:
-        """The index of each already logged dedup key among `keys`."""
+    async def find_dedup(
+        self, wanted: Sequence[tuple[bytes, bytes]]
+    ) -> dict[bytes, int]:
+        """The index of each already logged dedup key among `wanted`.
+
+        `wanted` holds (artifact SHA-256 digest, dedup key) pairs: a dedup key
+        covers the artifact's digest, so an entry with that key records that
+        digest, and a backend may look for the key among the digest's entries.
+        """
 
     async def append(
         self,

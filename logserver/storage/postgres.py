@@ -251,14 +251,18 @@ class PostgresStorage:
 
         return await self._with_conn(load)
 
-    async def find_dedup(self, keys: Sequence[bytes]) -> dict[bytes, int]:
-        if not keys:
+    async def find_dedup(
+        self, wanted: Sequence[tuple[bytes, bytes]]
+    ) -> dict[bytes, int]:
+        if not wanted:
             return {}
+        # dedup_key has a unique index of its own here.
+        keys = sorted({key for _, key in wanted})
 
         async def find(conn: Any) -> dict[bytes, int]:
             rows = await conn.fetch(
                 "SELECT dedup_key, idx FROM entries WHERE dedup_key = ANY($1::bytea[])",
-                list(keys),
+                keys,
             )
             return {bytes(r["dedup_key"]): int(r["idx"]) for r in rows}
 

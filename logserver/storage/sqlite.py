@@ -34,15 +34,22 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = "3"
+SCHEMA_VERSION = "4"
 
-# Version 3 indexes dedup_key and leaf_hash by their first 8 bytes only, and
-# drops the UNIQUE index on dedup_key: every appended entry lands on a random
-# leaf page of each index, and smaller indexes keep the cost of a batch from
-# growing as fast with the table. Both keys are SHA-256 outputs of our own
-# making, so no caller can pile entries onto one prefix. The artifact digest
-# is the caller's choice, so its index stays on the full value. Queries
-# repeat the index expression to use it and compare the full key as well.
+# Every appended entry lands on a random leaf page of each index on
+# `entries`, and each page it dirties is written twice (WAL, then checkpoint):
+# that, not the size of the keys, is what an append costs on a grown log. So
+# there are two such indexes. `entries_leaf_hash_prefix` finds a leaf by its
+# hash through the hash's first 8 bytes (a SHA-256 of our own making: no
+# caller can pile entries onto one prefix). `entries_artifact_dedup` serves
+# both the lookup by artifact digest and deduplication: a retried request
+# names the same artifact, so its dedup key is looked for among the entries
+# of that digest, by the key's first 8 bytes. Queries repeat the index
+# expressions to use them and compare the full keys as well.
+#
+# Version 3 had a third index, on the dedup key's prefix alone, and kept the
+# artifact index as (artifact_sha256, idx); version 2 indexed the full keys
+# and made dedup_key UNIQUE.
 _ENTRIES_COLUMNS = """(
     idx INTEGER PRIMARY KEY,
     leaf BLOB NOT NULL,
@@ -61,11 +68,10 @@ _SCHEMA = (
     value TEXT NOT NULL
 )""",
     f"CREATE TABLE IF NOT EXISTS entries {_ENTRIES_COLUMNS}",
-    "CREATE INDEX IF NOT EXISTS entries_dedup_prefix "
-    "ON entries (substr(dedup_key, 1, 8))",
     "CREATE INDEX IF NOT EXISTS entries_leaf_hash_prefix "
     "ON entries (substr(leaf_hash, 1, 8))",
-    "CREATE INDEX IF NOT EXISTS entries_artifact ON entries (artifact_sha256, idx)",
+    "CREATE INDEX IF NOT EXISTS entries_artifact_dedup "
+    "ON entries (artifact_sha256, substr(dedup_key, 1, 8))",
     """CREATE TABLE IF NOT EXISTS tiles (
     level INTEGER NOT NULL,
     idx INTEGER NOT NULL,
@@ -105,16 +111,22 @@ FIND_LEAF_HASH = (
 )
 FIND_ARTIFACT = "SELECT idx FROM entries WHERE artifact_sha256 = ? ORDER BY idx LIMIT ?"
 
-# SQLite limits bound parameters; 500 stays well under it.
+# SQLite limits bound parameters; 500 pairs stay well under it.
 _CHUNK = 500
 
 
 def find_dedup_query(count: int) -> str:
-    """The entries whose dedup key starts with one of `count` prefixes."""
-    marks = ",".join("?" * count)
+    """The entries of `count` (artifact digest, dedup key prefix) pairs.
+
+    CROSS JOIN keeps the wanted pairs as the outer loop: one index search
+    each, never a scan of the entries.
+    """
+    pairs = ",".join(["(?, ?)"] * count)
     return (
-        "SELECT dedup_key, idx FROM entries "  # noqa: S608 (only placeholders)
-        f"WHERE substr(dedup_key, 1, 8) IN ({marks})"
+        f"WITH wanted (artifact, prefix) AS (VALUES {pairs}) "  # noqa: S608
+        "SELECT dedup_key, idx FROM wanted CROSS JOIN entries "
+        "ON artifact_sha256 = wanted.artifact "
+        "AND substr(dedup_key, 1, 8) = wanted.prefix"
     )
 
 
@@ -191,7 +203,7 @@ class SqliteStorage:
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
-        migrated: list[int] = []
+        migrated: list[tuple[str, int]] = []
 
         def create(conn: sqlite3.Connection) -> None:
             # One transaction: a crash leaves the old schema or the new one.
@@ -199,7 +211,9 @@ class SqliteStorage:
             try:
                 version = _stored_version(conn)
                 if version == "2":
-                    migrated.append(_migrate_from_2(conn))
+                    migrated.append((version, _migrate_from_2(conn)))
+                elif version == "3":
+                    migrated.append((version, _migrate_from_3(conn)))
                 elif version is not None and version != SCHEMA_VERSION:
                     advice = (
                         "upgrade the server"
@@ -228,20 +242,21 @@ class SqliteStorage:
                 raise
             conn.execute("COMMIT")
             if migrated:
-                # The WAL holds the whole rebuilt table: copy it into the
+                # The WAL holds the rebuilt table or index: copy it into the
                 # database now and give its space back.
                 conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
         began = time.perf_counter()
         await self._write(create)
         if migrated:
+            from_version, entries = migrated[0]
             logger.info(
                 "migrated SQLite storage",
                 extra={
                     "path": str(self.path),
-                    "from_version": "2",
+                    "from_version": from_version,
                     "to_version": SCHEMA_VERSION,
-                    "entries": migrated[0],
+                    "entries": entries,
                     "seconds": round(time.perf_counter() - began, 3),
                 },
             )
@@ -303,19 +318,23 @@ class SqliteStorage:
 
         return await self._write(load)
 
-    async def find_dedup(self, keys: Sequence[bytes]) -> dict[bytes, int]:
-        if not keys:
+    async def find_dedup(
+        self, wanted: Sequence[tuple[bytes, bytes]]
+    ) -> dict[bytes, int]:
+        if not wanted:
             return {}
-        wanted = set(keys)
-        prefixes = sorted({key[:_PREFIX] for key in wanted})
+        keys = {key for _, key in wanted}
+        pairs = sorted({(artifact, key[:_PREFIX]) for artifact, key in wanted})
 
         def find(conn: sqlite3.Connection) -> dict[bytes, int]:
             found: dict[bytes, int] = {}
-            for at in range(0, len(prefixes), _CHUNK):
-                chunk = prefixes[at : at + _CHUNK]
-                for stored, idx in conn.execute(find_dedup_query(len(chunk)), chunk):
+            for at in range(0, len(pairs), _CHUNK):
+                chunk = pairs[at : at + _CHUNK]
+                values = [value for pair in chunk for value in pair]
+                query = find_dedup_query(len(chunk))
+                for stored, idx in conn.execute(query, values):
                     key = bytes(stored)
-                    if key in wanted and (key not in found or idx < found[key]):
+                    if key in keys and (key not in found or idx < found[key]):
                         found[key] = int(idx)
             return found
 
@@ -538,8 +557,8 @@ def _stored_version(conn: sqlite3.Connection) -> str | None:
 
 
 def _migrate_from_2(conn: sqlite3.Connection) -> int:
-    """Rebuild `entries` without the UNIQUE dedup_key and the full leaf-hash
-    index (dropped with the old table); `open` then creates the version 3
+    """Rebuild `entries` without the UNIQUE dedup_key and the full-key
+    indexes (dropped with the old table); `open` then creates the current
     indexes and records the new version. Returns the entries copied.
     """
     conn.execute(f"CREATE TABLE entries_v3 {_ENTRIES_COLUMNS}")
@@ -551,3 +570,14 @@ def _migrate_from_2(conn: sqlite3.Connection) -> int:
     conn.execute("DROP TABLE entries")
     conn.execute("ALTER TABLE entries_v3 RENAME TO entries")
     return int(copied)
+
+
+def _migrate_from_3(conn: sqlite3.Connection) -> int:
+    """Drop the version 3 dedup and artifact indexes; `open` then creates
+    `entries_artifact_dedup` over the entries and records the new version.
+    Returns the number of entries indexed.
+    """
+    conn.execute("DROP INDEX IF EXISTS entries_dedup_prefix")
+    conn.execute("DROP INDEX IF EXISTS entries_artifact")
+    (count,) = conn.execute("SELECT count(*) FROM entries").fetchone()
+    return int(count)
