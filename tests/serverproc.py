@@ -113,3 +113,21 @@ class ServerProcess:
         self.proc.kill()
         self.proc.wait()
         self._out.close()
+
+
+def spawned_children(pid: int) -> list[int]:
+    """The live children of `pid` started by multiprocessing's "spawn" (the
+    server's signing workers), not its resource tracker and not zombies."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue  # gone meanwhile
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[1]) == pid and fields[0] != "Z" and b"spawn_main" in cmdline:
+            children.append(int(entry.name))
+    return children

@@ -562,20 +562,16 @@ def entry_indexes(path: Path) -> set[str]:
         return {name for (name,) in rows}
 
 
-async def test_a_version_2_sqlite_database_is_migrated(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    path = tmp_path / "log.db"
-    shared = hashlib.sha256(b"shared artifact").digest()
-    rows = [entry_row(f"v2-{i}", shared if i in (1, 3) else None) for i in range(5)]
+def write_old_log(
+    path: Path, schema: str, version: str, rows: list[EntryRow]
+) -> tuple[bytes, bytes]:
+    """A log of `rows` in a new database of an older `schema` and `version`,
+    with a stored checkpoint; returns its leaf hashes and root."""
     hashes = b"".join(r.leaf_hash for r in rows)
     root = root_from_leaf_hashes([r.leaf_hash for r in rows])
     with contextlib.closing(sqlite3.connect(path)) as db, db:
-        db.executescript(V2_SCHEMA)
-        db.executemany(
-            "INSERT INTO meta VALUES (?, ?)",
-            [("schema_version", "2"), ("origin", "old.example/log")],
-        )
+        db.executescript(schema)
+        db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (version,))
         db.executemany(
             "INSERT INTO entries VALUES (?, ?, ?, ?, ?)",
             [
@@ -584,7 +580,22 @@ async def test_a_version_2_sqlite_database_is_migrated(
             ],
         )
         db.execute("INSERT INTO tiles VALUES (0, 0, ?)", (hashes,))
-        db.execute("INSERT INTO tree VALUES (1, 5, ?, 5, ?)", (root, b"checkpoint"))
+        db.execute(
+            "INSERT INTO tree VALUES (1, ?, ?, ?, ?)",
+            (len(rows), root, len(rows), b"checkpoint"),
+        )
+    return hashes, root
+
+
+async def test_a_version_2_sqlite_database_is_migrated(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "log.db"
+    shared = hashlib.sha256(b"shared artifact").digest()
+    rows = [entry_row(f"v2-{i}", shared if i in (1, 3) else None) for i in range(5)]
+    hashes, root = write_old_log(path, V2_SCHEMA, "2", rows)
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.execute("INSERT INTO meta VALUES ('origin', 'old.example/log')")
         db.execute(
             "INSERT INTO audit (time, decision, issuer, subject, rule, request_id, "
             "record) VALUES (1, 'allowed', 'iss', 'sub', 'rule', NULL, X'7B7D')"
@@ -665,20 +676,7 @@ async def test_a_version_3_sqlite_database_is_migrated(
     path = tmp_path / "log.db"
     shared = hashlib.sha256(b"shared artifact").digest()
     rows = [entry_row(f"v3-{i}", shared if i in (0, 4) else None) for i in range(5)]
-    hashes = b"".join(r.leaf_hash for r in rows)
-    root = root_from_leaf_hashes([r.leaf_hash for r in rows])
-    with contextlib.closing(sqlite3.connect(path)) as db, db:
-        db.executescript(v3_schema())
-        db.execute("INSERT INTO meta VALUES ('schema_version', '3')")
-        db.executemany(
-            "INSERT INTO entries VALUES (?, ?, ?, ?, ?)",
-            [
-                (i, r.leaf, r.leaf_hash, r.dedup_key, r.artifact_sha256)
-                for i, r in enumerate(rows)
-            ],
-        )
-        db.execute("INSERT INTO tiles VALUES (0, 0, ?)", (hashes,))
-        db.execute("INSERT INTO tree VALUES (1, 5, ?, 5, ?)", (root, b"checkpoint"))
+    hashes, root = write_old_log(path, v3_schema(), "3", rows)
     assert "entries_dedup_prefix" in entry_indexes(path)
 
     storage = SqliteStorage(path)

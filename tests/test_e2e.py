@@ -20,7 +20,7 @@ from tlog_scales.signing import Vkey
 from tlog_scales.tiles import leaf_hash as scales_leaf_hash
 
 from signer.software import PROCESS_BATCH
-from tests.serverproc import ServerProcess
+from tests.serverproc import ServerProcess, spawned_children
 from verifier.checkpoint import open_checkpoint
 from verifier.note import NoteVerifier
 
@@ -66,23 +66,6 @@ def test_signature_verifies_with_openssl(server: ServerProcess, tmp_path: Path) 
     assert server.stop() == 0
 
 
-def _signing_workers(pid: int) -> list[int]:
-    """The server's spawned children (its software key's signing processes)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[1]) == pid and fields[0] != "Z" and b"spawn_main" in cmdline:
-            found.append(int(entry.name))
-    return found
-
-
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs")
 def test_a_large_batch_is_signed_in_worker_processes(
@@ -98,7 +81,7 @@ def test_a_large_batch_is_signed_in_worker_processes(
     ]
     status, answer = server.post("api/v1/entries/batch", {"entries": entries})
     assert status == 201, answer
-    workers = _signing_workers(server.proc.pid)
+    workers = spawned_children(server.proc.pid)
     assert workers, "the batch was not signed by worker processes"
 
     pem = server.data / "public" / "default.pem"

@@ -42,7 +42,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 from signer import cli as signer_cli
-from tests.serverproc import ServerProcess
+from tests.serverproc import ServerProcess, spawned_children
 from tests.softhsm import SoftHsmStore, SoftHsmToken
 from verifier import cli as verifier_cli
 from verifier.checkpoint import SignedCheckpoint, open_checkpoint
@@ -217,23 +217,6 @@ def server(hsm: HsmSetup, tmp_path: Path) -> Iterator[ServerProcess]:
 # The HSM worker processes: children of the server process.
 
 
-def _children(pid: int) -> list[int]:
-    children = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue  # gone meanwhile
-        fields = stat.rsplit(")", 1)[1].split()
-        # A spawned multiprocessing child; not the resource tracker.
-        if int(fields[1]) == pid and b"spawn_main" in cmdline:
-            children.append(int(entry.name))
-    return children
-
-
 def hsm_workers(server: ServerProcess) -> dict[int, str]:
     """The server's live HSM workers: pid to the label of the key each signs
     with, which the server logs as each worker becomes ready."""
@@ -243,7 +226,7 @@ def hsm_workers(server: ServerProcess) -> dict[int, str]:
             record = json.loads(line)
             if record.get("message") == "HSM worker ready":
                 labels[int(record["pid"])] = str(record["key"])
-    return {pid: labels.get(pid, "?") for pid in _children(server.proc.pid)}
+    return {pid: labels.get(pid, "?") for pid in spawned_children(server.proc.pid)}
 
 
 def signal_workers(
