@@ -47,10 +47,8 @@ logger = logging.getLogger(__name__)
 STATE_FILE = "state.json"
 LOCK_FILE = "lock"
 STATE_VERSION = 1
-# Save progress after this many entry bundles, and start a fresh tile
-# reader (whose cache of checked tiles only grows) after this many.
+# Save progress after this many entry bundles.
 SAVE_EVERY_BUNDLES = 16
-READER_BUNDLES = 256
 
 # Alert kinds about the log as a whole.
 BAD_CHECKPOINT = "bad_checkpoint"
@@ -491,12 +489,10 @@ class Monitor:
     def _check_entries(
         self, latest: SignedCheckpoint, reader: TileReader, result: PollResult
     ) -> None:
-        size, root = latest.checkpoint.size, latest.checkpoint.root_hash
+        size = latest.checkpoint.size
         start = next_index = self.state.next_index
         first, end = start // TILE_WIDTH, -(-size // TILE_WIDTH)
         for done, bundle in enumerate(range(first, end), 1):
-            if done % READER_BUNDLES == 0:
-                reader = TileReader(self.log.read, size, root)
             try:
                 leaves = reader.read_entry_bundle(bundle)
             except (FormatError, VerificationError, NotFound) as e:
