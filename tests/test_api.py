@@ -17,7 +17,13 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from logserver.app import create_app
 from logserver.config import Config, load_config
-from logserver.storage import EntryRow, Storage, StorageError, open_storage
+from logserver.storage import (
+    AuditRow,
+    EntryRow,
+    Storage,
+    StorageError,
+    open_storage,
+)
 from logserver.storage import sqlite as sqlite_storage
 from logserver.storage.sqlite import SqliteStorage
 from tests.conftest import log_state, token_header
@@ -801,5 +807,41 @@ async def test_find_dedup_matches_exact_keys_only(database_url: str) -> None:
             second.dedup_key: 1,
             elsewhere.dedup_key: 2,
         }
+    finally:
+        await storage.close()
+
+
+class _OldSqlite(SqliteStorage):
+    """Storage on connections that bind at most 999 parameters a statement,
+    as SQLite did before 3.32 (RHEL 8 ships 3.26)."""
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = super()._connect()
+        conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)
+        return conn
+
+
+async def test_sqlite_with_a_999_parameter_limit(tmp_path: Path) -> None:
+    storage = _OldSqlite(tmp_path / "log.db")
+    await storage.open()
+    try:
+        rows = [entry_row(f"old-{i}") for i in range(800)]
+        audit = [
+            AuditRow(i, "allowed", "issuer", "subject", "rule", None, b"{}")
+            for i in range(800)
+        ]
+        hashes = b"".join(r.leaf_hash for r in rows)
+        tiles = [
+            (0, n, hashes[n * 256 * HASH_SIZE : (n + 1) * 256 * HASH_SIZE])
+            for n in range(4)
+        ]
+        leaves = [r.leaf_hash for r in rows]
+        await storage.append(0, rows, tiles, root_from_leaf_hashes(leaves), audit)
+        assert (await storage.load_state()).size == 800
+        assert len(await storage.list_audit(0, 1000)) == 800
+        wanted = [(r.artifact_sha256, r.dedup_key) for r in rows]
+        wanted += [(bytes(32), hashlib.sha256(b"%d" % i).digest()) for i in range(400)]
+        found = await storage.find_dedup(wanted)
+        assert found == {r.dedup_key: i for i, r in enumerate(rows)}
     finally:
         await storage.close()

@@ -111,7 +111,7 @@ FIND_LEAF_HASH = (
 )
 FIND_ARTIFACT = "SELECT idx FROM entries WHERE artifact_sha256 = ? ORDER BY idx LIMIT ?"
 
-# SQLite limits bound parameters; 500 pairs stay well under it.
+# Pairs per dedup query, at most (fewer where SQLite allows fewer parameters).
 _CHUNK = 500
 
 
@@ -328,8 +328,9 @@ class SqliteStorage:
 
         def find(conn: sqlite3.Connection) -> dict[bytes, int]:
             found: dict[bytes, int] = {}
-            for at in range(0, len(pairs), _CHUNK):
-                chunk = pairs[at : at + _CHUNK]
+            step = _rows_per_statement(conn, 2, _CHUNK)
+            for at in range(0, len(pairs), step):
+                chunk = pairs[at : at + step]
                 values = [value for pair in chunk for value in pair]
                 query = find_dedup_query(len(chunk))
                 for stored, idx in conn.execute(query, values):
@@ -500,9 +501,16 @@ def _store_checkpoint(conn: sqlite3.Connection, size: int, note: bytes) -> None:
     )
 
 
-# Rows per INSERT statement; 256 rows of 7 columns stay far below SQLite's
-# limit of 32,766 bound parameters.
+# Rows per INSERT statement, at most: 256 rows of 7 columns stay below the
+# limit on bound parameters of SQLite 3.32 and later (32,766).
 _ROWS_PER_INSERT = 256
+
+
+def _rows_per_statement(conn: sqlite3.Connection, width: int, most: int) -> int:
+    """How many rows of `width` parameters one statement may bind: `most`,
+    or fewer where this SQLite allows fewer parameters (999 before 3.32)."""
+    limit = conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+    return max(1, min(most, limit // width))
 
 
 def _insert_rows(
@@ -513,7 +521,7 @@ def _insert_rows(
     Not executemany: it steps once per row, giving up the GIL each time, and
     with the event loop busy every step then waits to get it back.
     """
-    step = _ROWS_PER_INSERT * width
+    step = _rows_per_statement(conn, width, _ROWS_PER_INSERT) * width
     row = "(" + ",".join("?" * width) + ")"
     for at in range(0, len(values), step):
         chunk = values[at : at + step]
