@@ -17,7 +17,7 @@ import orjson
 
 from logserver.config import Config, KeyConfig
 from logserver.storage import Storage
-from signer.atomicfile import write_atomic
+from signer.atomicfile import remove_stale_temporaries, write_atomic
 from signer.keys import ArtifactSigner, CheckpointSigner, SignerError, public_key_pem
 from signer.software import SoftwareArtifactSigner, SoftwareCheckpointSigner
 from verifier.note import verifier_key
@@ -100,6 +100,12 @@ async def _checkpoint_signer(config: Config, origin: str) -> CheckpointSigner:
 
 async def open_keys(config: Config, origin: str, storage: Storage) -> LogKeys:
     """Open every active key, record it, and list all keys ever recorded."""
+    for directory in (config.data / "secrets", config.data / "public"):
+        for path in remove_stale_temporaries(directory):
+            logger.warning(
+                "removed a file left by an interrupted write",
+                extra={"path": str(path)},
+            )
     software = [
         name
         for name, k in config.artifact_keys.items()

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import secrets
+import time
 from pathlib import Path
 
 # os.link fails with these where the file system has no hard links (FAT,
@@ -55,6 +57,36 @@ def write_atomic(
     finally:
         temporary.unlink(missing_ok=True)
     _fsync_directory(path.parent)
+
+
+# The name write_atomic gives its temporary file.
+_TEMPORARY = re.compile(r"\..+\.[0-9a-f]{16}\.tmp")
+
+
+def remove_stale_temporaries(directory: Path, older_than: float = 60.0) -> list[Path]:
+    """Remove what a write_atomic cut short (a crash, a kill) left in
+    `directory`: its temporary files not touched for `older_than` seconds.
+    A younger one may belong to a write still going on, and is kept.
+    Returns the files removed.
+    """
+    removed = []
+    cutoff = time.time() - older_than
+    try:
+        entries = list(os.scandir(directory))
+    except FileNotFoundError:
+        return []
+    for entry in entries:
+        if not _TEMPORARY.fullmatch(entry.name) or not entry.is_file(
+            follow_symlinks=False
+        ):
+            continue
+        try:
+            if entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+        except FileNotFoundError:
+            continue  # removed meanwhile
+    return removed
 
 
 def _link_new(temporary: Path, path: Path) -> None:
