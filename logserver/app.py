@@ -231,6 +231,12 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     try:
         origin = await _origin(config, storage)
         keys = await open_keys(config, origin, storage)
+        metrics.watch_signers(
+            lambda: [
+                *(("artifact", name, s) for name, s in keys.artifact.items()),
+                ("checkpoint", keys.checkpoint.name, keys.checkpoint),
+            ]
+        )
         try:
             publish_keys(keys, config.data / "public")
             secrets_dir = config.data / "secrets"

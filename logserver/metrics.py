@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 
 class Metrics:
@@ -77,3 +81,34 @@ class Metrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
             registry=self.registry,
         )
+
+    def watch_signers(
+        self, signers: Callable[[], Iterable[tuple[str, str, object]]]
+    ) -> None:
+        """Export the workers each signer has lost, read at every scrape.
+
+        `signers` gives (role, key name, signer) triples, role being
+        "artifact" or "checkpoint"; signers without worker processes (no
+        `workers_lost`) are left out.
+        """
+        self.registry.register(_WorkersLost(signers))
+
+
+class _WorkersLost(Collector):
+    def __init__(
+        self, signers: Callable[[], Iterable[tuple[str, str, object]]]
+    ) -> None:
+        self._signers = signers
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "logserver_signing_workers_lost",
+            "Signing worker processes lost (an HSM session's, or a software "
+            "key's); each is replaced. Alert on any increase.",
+            labels=["role", "key"],
+        )
+        for role, name, signer in self._signers():
+            lost = getattr(signer, "workers_lost", None)
+            if isinstance(lost, int):
+                family.add_metric([role, name], lost)
+        yield family

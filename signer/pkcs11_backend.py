@@ -91,6 +91,11 @@ class _PoolOwner:
         """Process IDs of the live workers, for monitoring and fault tests."""
         return self._pool.pids
 
+    @property
+    def workers_lost(self) -> int:
+        """Worker processes lost so far (each one is restarted)."""
+        return self._pool.workers_lost
+
     async def aclose(self) -> None:
         await self._pool.aclose()
 

@@ -128,6 +128,7 @@ class WorkerPool:
         self._restarts: set[asyncio.Task[None]] = set()
         self._reaps: set[asyncio.Task[None]] = set()
         self._log = {"token": spec.token_label, "key": spec.key_label}
+        self.workers_lost = 0  # since the pool started; each is restarted
 
     @property
     def pids(self) -> list[int]:
@@ -323,6 +324,7 @@ class WorkerPool:
             return
         worker.state = _State.DEAD
         worker.failures += 1
+        self.workers_lost += 1
         delay = _backoff(worker.failures)
         worker.retry_at = asyncio.get_running_loop().time() + delay
         worker.last_error = reason

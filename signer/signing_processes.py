@@ -74,6 +74,7 @@ class SigningProcesses:
         self._pool: ProcessPoolExecutor | None = None
         self._broken_until = 0.0
         self._closed = False
+        self.workers_lost = 0  # times a worker died and the pool was replaced
 
     def pids(self) -> list[int]:
         """The workers' process IDs (for tests and diagnostics)."""
@@ -125,6 +126,7 @@ class SigningProcesses:
     def _broken(self, pool: ProcessPoolExecutor, exc: BaseException) -> None:
         if self._pool is pool:
             self._pool = None
+            self.workers_lost += 1
             self._broken_until = time.monotonic() + self._retry_seconds
             pool.shutdown(wait=False, cancel_futures=True)
             logger.warning(

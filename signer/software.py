@@ -137,6 +137,11 @@ class SoftwareArtifactSigner(ArtifactKey):
     def processes(self) -> SigningProcesses | None:
         return self._processes
 
+    @property
+    def workers_lost(self) -> int:
+        """Times a signing process died (0 without processes)."""
+        return 0 if self._processes is None else self._processes.workers_lost
+
     def sign_digests_sync(self, digests: Sequence[bytes]) -> list[bytes]:
         return [sign_digest(self._key, self._algorithm, d) for d in digests]
 

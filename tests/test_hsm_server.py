@@ -27,6 +27,7 @@ import io
 import itertools
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -227,6 +228,20 @@ def hsm_workers(server: ServerProcess) -> dict[int, str]:
             if record.get("message") == "HSM worker ready":
                 labels[int(record["pid"])] = str(record["key"])
     return {pid: labels.get(pid, "?") for pid in spawned_children(server.proc.pid)}
+
+
+def workers_lost(server: ServerProcess) -> dict[str, float]:
+    """`logserver_signing_workers_lost_total` by role, from /metrics."""
+    lost: dict[str, float] = {}
+    for line in server.get("metrics").decode().splitlines():
+        found = re.fullmatch(
+            r"logserver_signing_workers_lost_total\{(.*)\} (\S+)", line
+        )
+        if found:
+            role = re.search(r'role="(\w+)"', found[1])
+            assert role is not None, line
+            lost[role[1]] = lost.get(role[1], 0.0) + float(found[2])
+    return lost
 
 
 def signal_workers(
@@ -664,6 +679,7 @@ async def test_hsm_failures_mid_load_give_503_and_the_log_recovers(
             await wait_until("load runs", lambda: load.successes_since(0) >= 50, 15)
 
             # 1. Every worker of both keys killed, mid-signature.
+            assert workers_lost(server) == {"artifact": 0.0, "checkpoint": 0.0}
             killed = signal_workers(server, signal.SIGKILL)
             broken = time.monotonic()
             await wait_until("a 503", lambda: load.refusals_since(broken) > 0, 10)
@@ -671,6 +687,8 @@ async def test_hsm_failures_mid_load_give_503_and_the_log_recovers(
                 "recovery", lambda: load.successes_since(broken + 0.5) >= 50, 20
             )
             assert not set(killed) & set(hsm_workers(server))
+            lost = workers_lost(server)
+            assert lost["artifact"] >= 1 and lost["checkpoint"] >= 1, lost
 
             # 2. The checkpoint key's worker hangs: batches commit, but their
             # checkpoint is not signed within its timeout, so they are answered

@@ -114,6 +114,7 @@ async def test_a_killed_worker_falls_back_to_threads_then_restarts(
                 items = digests(PROCESS_BATCH)
                 check(signer, await signer.sign_digests(items), items)
         assert "a signing process died" in caplog.text
+        assert signer.workers_lost == processes.workers_lost == 1
         assert processes.pids() == []
         assert wait_gone(first) == []
 
